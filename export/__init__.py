@@ -1,0 +1,1 @@
+"""fmgs.export: bake a trained avatar into an engine bundle (later issue)."""

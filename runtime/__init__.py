@@ -1,0 +1,1 @@
+"""fmgs.runtime: the torch-free playback runtime (later issue). Must never import torch."""
