@@ -434,6 +434,12 @@ class HumanNeRFSequence:
         if cam is None:
             K, E, D = self._cam_raw[name]
             W, H = self._native_size(name)
+            # The file's K is an OpenCV calibration (pixel centres at integer coordinates);
+            # our renderers put pixel (i, j)'s centre at (j + 0.5, i + 0.5) (3DGS/gsplat), so
+            # the principal point moves by +0.5 px. Undistortion keeps using the raw K.
+            K = np.array(K, dtype=np.float64, copy=True)
+            K[0, 2] += 0.5
+            K[1, 2] += 0.5
             cam = Camera.from_extrinsics(K, E, W, H, dist=D, source=str(self.cameras_path))
             if self.undistort and D is not None:
                 cam = cam.without_distortion()
