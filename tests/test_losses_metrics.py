@@ -1,0 +1,165 @@
+"""Losses (torch) and evaluation metrics (numpy) against scikit-image and hand formulas."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from fmgs.trainer.losses import (
+    dssim_loss,
+    l1_loss,
+    mask_bce_loss,
+    photometric_loss,
+    ssim,
+    ssim_map,
+)
+from fmgs.trainer.metrics import LPIPSMetric, metric_library_versions, psnr, ssim_metric
+
+
+def smooth_image(rng, h, w):
+    """Random image with some structure (blurred noise + gradient), float64 in [0, 1]."""
+    base = rng.random((h, w, 3))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = 0.5 * base + 0.3 * xx[..., None] + 0.2 * yy[..., None] * np.array([1.0, 0.5, 0.0])
+    return np.clip(img, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_ssim_identical_is_one():
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(smooth_image(rng, 32, 40))
+    assert float(ssim(img, img)) == pytest.approx(1.0, abs=1e-12)
+    assert float(dssim_loss(img, img)) == pytest.approx(0.0, abs=1e-12)
+    b = img.permute(2, 0, 1).unsqueeze(0).repeat(2, 1, 1, 1)
+    assert float(ssim(b, b)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_matches_skimage_gaussian_in_interior():
+    """Interior (>= 5 px from the border) agrees with skimage to 1e-10.
+
+    skimage (gaussian_weights=True, sigma=1.5, truncate=3.5) uses the same 11-tap
+    normalised Gaussian but reflects at the border where 3DGS's conv2d pads with
+    zeros, so only the border band of width 5 differs; skimage itself reports the
+    mean over the same cropped interior.
+    """
+    rng = np.random.default_rng(1)
+    a = smooth_image(rng, 48, 56)
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    mssim, smap = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                        data_range=1.0, channel_axis=-1, full=True)
+    ours = ssim_map(torch.from_numpy(a), torch.from_numpy(b))[0].permute(1, 2, 0).numpy()
+    pad = 5
+    np.testing.assert_allclose(ours[pad:-pad, pad:-pad], smap[pad:-pad, pad:-pad], rtol=0, atol=1e-10)
+    assert ours[pad:-pad, pad:-pad].mean() == pytest.approx(mssim, abs=1e-10)
+    # the full-image mean (with zero-padded borders) differs only slightly
+    assert float(ssim(torch.from_numpy(a), torch.from_numpy(b))) == pytest.approx(mssim, abs=0.05)
+
+
+def test_ssim_layouts_agree():
+    rng = np.random.default_rng(2)
+    a, b = smooth_image(rng, 20, 24), smooth_image(rng, 20, 24)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    s_hwc = ssim(ta, tb)
+    s_bchw = ssim(ta.permute(2, 0, 1)[None], tb.permute(2, 0, 1)[None])
+    assert float(s_hwc) == pytest.approx(float(s_bchw), abs=1e-15)
+
+
+def test_ssim_gradcheck_float64():
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(smooth_image(rng, 7, 8)).requires_grad_(True)
+    b = torch.from_numpy(smooth_image(rng, 7, 8))
+    # full Jacobian check for SSIM; random-projection (fast mode) check for eq. 13
+    assert torch.autograd.gradcheck(lambda x: ssim(x, b), (a,), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x: photometric_loss(x, b), (a,), eps=1e-6, atol=1e-8, fast_mode=True)
+
+
+def test_l1_loss_plain_and_masked():
+    pred = torch.tensor([[0.0, 0.5], [1.0, 0.25]], dtype=torch.float64)
+    gt = torch.tensor([[0.5, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    assert float(l1_loss(pred, gt)) == pytest.approx((0.5 + 0 + 1 + 0.25) / 4)
+    mask = torch.tensor([[True, False], [False, True]])
+    assert float(l1_loss(pred, gt, mask)) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_photometric_loss_is_eq13_combination():
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(smooth_image(rng, 16, 16))
+    b = torch.from_numpy(smooth_image(rng, 16, 16))
+    l1 = float((a - b).abs().mean())
+    s = float(ssim(a, b))
+    assert float(photometric_loss(a, b)) == pytest.approx(0.8 * l1 + 0.2 * (1 - s), abs=1e-14)
+    assert float(photometric_loss(a, b, lambda_ssim=0.0)) == pytest.approx(l1, abs=1e-14)
+
+
+def test_mask_bce_hand_values():
+    alpha = torch.tensor([0.5, 0.9, 0.2, 0.0, 1.0], dtype=torch.float64)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    eps = 1e-6
+    # per element: -ln 0.5, -ln 0.9, -ln 0.8, -ln(1 - eps) (alpha clamped to eps), -ln(1 - eps)
+    expected = (math.log(2) - math.log(0.9) - math.log(0.8) - 2 * math.log(1 - eps)) / 5
+    assert float(mask_bce_loss(alpha, mask, eps)) == pytest.approx(expected, abs=1e-15)
+    # saturated wrong predictions stay finite: -ln(eps)
+    f64 = torch.float64
+    bad = mask_bce_loss(torch.tensor([0.0, 1.0], dtype=f64), torch.tensor([1.0, 0.0], dtype=f64), eps)
+    assert float(bad) == pytest.approx(-math.log(eps), rel=1e-5)
+    # boolean masks are accepted
+    assert float(mask_bce_loss(alpha, mask.bool(), eps)) == pytest.approx(expected, abs=1e-15)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_psnr_exact_known_mse():
+    gt = np.full((8, 10, 3), 0.3)
+    assert psnr(gt + 0.1, gt) == pytest.approx(20.0, abs=1e-9)  # MSE 0.01 -> 20 dB
+    assert psnr(gt + 0.01, gt) == pytest.approx(40.0, abs=1e-9)
+    pred = gt.copy()
+    pred[:4] += 0.2  # half the pixels off by 0.2 -> MSE 0.02
+    assert psnr(pred, gt) == pytest.approx(10 * math.log10(1 / 0.02), abs=1e-9)
+    mask = np.zeros((8, 10), bool)
+    mask[:4] = True
+    assert psnr(pred, gt, mask) == pytest.approx(10 * math.log10(1 / 0.04), abs=1e-9)
+    assert psnr(gt, gt) == math.inf
+
+
+def test_ssim_metric_matches_skimage_directly():
+    rng = np.random.default_rng(5)
+    a = smooth_image(rng, 40, 30)
+    b = np.clip(a + 0.05 * rng.standard_normal(a.shape), 0, 1)
+    assert ssim_metric(a, a) == pytest.approx(1.0, abs=1e-12)
+    direct = structural_similarity(a, b, channel_axis=-1, data_range=1.0)
+    assert ssim_metric(a, b) == direct
+    assert ssim_metric(a.astype(np.float32), b.astype(np.float32)) == pytest.approx(direct, abs=1e-6)
+
+
+def test_metric_library_versions_records_skimage():
+    import skimage
+
+    v = metric_library_versions()
+    assert v["skimage"] == skimage.__version__
+
+
+def test_lpips_unavailable_without_network(monkeypatch, tmp_path):
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("network access attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # empty hub cache
+    for kwargs in ({}, {"net": "alex"}, {"weights_path": tmp_path / "missing.pth"}):
+        m = LPIPSMetric(**kwargs)
+        img = np.zeros((8, 8, 3))
+        if m.available:  # only possible where lpips + local weights exist
+            continue
+        assert isinstance(m.reason, str) and m.reason
+        assert m(img, img) is None
+    assert calls == []
+    assert "missing.pth" in LPIPSMetric(weights_path=tmp_path / "missing.pth").reason
