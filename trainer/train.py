@@ -1,0 +1,249 @@
+"""The training loop of ``fmgs-train`` (foundation model: eq. 13-14 losses).
+
+Each iteration draws one training frame, poses the avatar (forward LBS), renders
+it with the 2DGS rasteriser and minimises ``(1-l) L1 + l D-SSIM`` (eq. 13,
+``l = 0.2``) plus ``lambda_mask * BCE(alpha, mask)`` (eq. 14). Progress is shown
+with tqdm and logged to TensorBoard (``RUN_DIR/tb``); checkpoints are written
+atomically every ``train.checkpoint_every`` iterations, at the end, and when the
+run is interrupted (Ctrl-C), after which ``fmgs-train --resume RUN_DIR`` continues.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fmgs.body_model import SMPLModel, load_smpl, star_pose
+from fmgs.errors import FmgsInputError
+from fmgs.surfels import CanonicalSurfels, build_canonical_surfels
+from fmgs.trainer.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from fmgs.trainer.config import save_config
+from fmgs.trainer.data import HumanNeRFSequence
+from fmgs.trainer.losses import mask_bce_loss, photometric_loss
+from fmgs.trainer.metrics import psnr
+from fmgs.trainer.model import SurfelAvatar, frame_bone_transforms
+from fmgs.trainer.rasterizer import RenderOutput, rasterize_surfels
+
+
+@dataclass
+class AvatarSetup:
+    """Everything derived from the data that the model and the renderer need.
+
+    Attributes:
+        smpl: body model.
+        betas: (10,) shape of the subject.
+        rest_joints: (24, 3) shaped rest-pose joints (body frame, metres).
+        surfels: canonical surfels in the canonical pose.
+        canonical_G: (24, 4, 4) relative bone transforms of the canonical pose.
+    """
+
+    smpl: SMPLModel
+    betas: np.ndarray
+    rest_joints: np.ndarray
+    surfels: CanonicalSurfels
+    canonical_G: np.ndarray
+
+
+def open_sequence(cfg: DictConfig, split: str) -> HumanNeRFSequence:
+    """Open the configured HumanNeRF-format sequence for ``split`` ('train' | 'test')."""
+    d = cfg.data
+    return HumanNeRFSequence(
+        d.root, split=split, image_size=int(d.image_size), background=tuple(d.background),
+        undistort=bool(d.undistort), smpl_path=d.smpl_path,
+        split_config={"train_range": tuple(d.train_range), "train_step": int(d.train_step),
+                      "test_range": tuple(d.test_range), "test_step": int(d.test_step)},
+    )
+
+
+def build_setup(cfg: DictConfig, seq: HumanNeRFSequence) -> AvatarSetup:
+    """Load SMPL, recover the subject's shape and build the canonical surfels."""
+    smpl = load_smpl(cfg.data.smpl_path)
+    betas = np.asarray(seq.betas, np.float64)
+    s = cfg.surfels
+    if s.canonical_pose == "star":
+        cano = star_pose(float(s.star_angle_deg))
+    elif s.canonical_pose == "tpose":
+        cano = np.zeros((24, 3))
+    else:
+        raise FmgsInputError(f"surfels.canonical_pose must be 'star' or 'tpose', got {s.canonical_pose!r}")
+    parts = Path(cfg.data.parts_path) if cfg.data.parts_path else None
+    surfels = build_canonical_surfels(
+        smpl, betas, canonical_pose=cano, subdivisions=int(s.subdivisions),
+        parts_path=parts if parts is not None and parts.is_file() else None,
+        scale_multiplier=float(s.scale_multiplier),
+    )
+    return AvatarSetup(smpl, betas, np.asarray(surfels.rest_joints, np.float64), surfels, np.asarray(surfels.bone_transforms, np.float64))
+
+
+def build_model(cfg: DictConfig, setup: AvatarSetup) -> SurfelAvatar:
+    """The avatar module for this config."""
+    return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
+
+
+def render_frame(model: SurfelAvatar, setup: AvatarSetup, frame, cfg: DictConfig) -> RenderOutput:
+    """Pose the avatar for ``frame`` (a :class:`fmgs.trainer.data.Frame`) and render it.
+
+    Returns:
+        The rasteriser output at the frame's camera resolution, background from the config.
+    """
+    B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, frame.poses, frame.world_from_body)
+    cam = frame.camera
+    posed = model(torch.as_tensor(B, dtype=torch.float32), torch.as_tensor(cam.center, dtype=torch.float32))
+    bg = torch.as_tensor(np.asarray(cfg.data.background, np.float32))
+    return rasterize_surfels(
+        posed.means, posed.rotations, posed.scales, posed.opacities, posed.colors,
+        torch.as_tensor(cam.K, dtype=torch.float32), torch.as_tensor(cam.viewmat, dtype=torch.float32),
+        int(cam.width), int(cam.height), background=bg, backend=cfg.train.backend,
+        max_fragments=cfg.train.max_fragments,
+    )
+
+
+class _GracefulInterrupt:
+    """Turn the first SIGINT/SIGTERM into a flag so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        def handler(signum, _frame):
+            if self.requested:  # second Ctrl-C: give up immediately
+                raise KeyboardInterrupt
+            self.requested = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def quick_eval(model, setup, seq, cfg, max_frames: int) -> dict:
+    """Held-out PSNR on up to ``max_frames`` evenly spaced frames of ``seq`` (no grad)."""
+    idx = np.unique(np.linspace(0, len(seq) - 1, num=min(max_frames, len(seq))).round().astype(int))
+    vals = []
+    with torch.no_grad():
+        for i in idx:
+            fr = seq[int(i)]
+            out = render_frame(model, setup, fr, cfg)
+            vals.append(psnr(out.rgb.clamp(0, 1).numpy(), fr.image))
+    return {"psnr": float(np.mean(vals)), "frames": int(len(idx))}
+
+
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
+    """Train (or resume) an avatar into ``run_dir``.
+
+    Args:
+        cfg: full run configuration (see ``assets/configs/default.yaml``).
+        run_dir: output folder (created).
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+
+    Returns:
+        ``run_dir``.
+
+    Raises:
+        FmgsInputError: bad data or configuration (names the file).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(int(cfg.train.seed))
+    np.random.seed(int(cfg.train.seed))
+
+    train_seq = open_sequence(cfg, "train")
+    test_seq = open_sequence(cfg, "test")
+    setup = build_setup(cfg, train_seq)
+    model = build_model(cfg, setup)
+    opt = torch.optim.Adam(model.param_groups(cfg.train.lr), eps=1e-15)
+
+    start_it, elapsed = 0, 0.0
+    if resume:
+        state = load_checkpoint(run_dir)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_it, elapsed = int(state["iteration"]), float(state["elapsed_s"])
+        restore_rng(state)
+        print(f"resuming {run_dir} from iteration {start_it} ({elapsed / 60:.1f} min trained)")
+
+    total = int(cfg.train.iterations)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_it if resume else None)
+    tc = cfg.train
+    rng = np.random.default_rng(int(tc.seed) + start_it)
+    progress_file = run_dir / "progress.jsonl"
+    eval_every = int(tc.eval_every or 0)
+    print(f"fmgs-train: {model.num_surfels} surfels, {len(train_seq)} training frames, "
+          f"{total} iterations -> {run_dir}")
+
+    it = start_it
+    with _GracefulInterrupt() as stop, tqdm(total=total, initial=start_it, desc="train", unit="it",
+                                             dynamic_ncols=True, disable=None) as bar:
+        t_last = time.perf_counter()
+        while it < total and not stop.requested:
+            fr = train_seq[int(rng.integers(len(train_seq)))]
+            gt = torch.from_numpy(fr.image)
+            mask = torch.from_numpy(fr.mask)
+            out = render_frame(model, setup, fr, cfg)
+            l_photo = photometric_loss(out.rgb, gt, lambda_ssim=float(tc.lambda_ssim))
+            l_mask = mask_bce_loss(out.alpha, mask)
+            loss = l_photo + float(tc.lambda_mask) * l_mask
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip and tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+            opt.step()
+            it += 1
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            bar.update(1)
+            if it % int(tc.log_every) == 0 or it == total:
+                with torch.no_grad():
+                    p = psnr(out.rgb.detach().clamp(0, 1).numpy(), fr.image)
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.2f}")
+                writer.add_scalar("loss/total", loss.item(), it)
+                writer.add_scalar("loss/photometric", l_photo.item(), it)
+                writer.add_scalar("loss/mask_bce", l_mask.item(), it)
+                writer.add_scalar("train/psnr", p, it)
+                writer.add_scalar("train/seconds_per_iteration", elapsed / it, it)
+            if int(tc.image_every) and it % int(tc.image_every) == 0:
+                side = torch.cat([gt, out.rgb.detach().clamp(0, 1)], dim=1)
+                writer.add_image("train/gt_vs_render", side.permute(2, 0, 1), it)
+            if eval_every and (it % eval_every == 0 or it == total):
+                q = quick_eval(model, setup, test_seq, cfg, int(tc.eval_frames))
+                writer.add_scalar("heldout/psnr", q["psnr"], it)
+                with open(progress_file, "a") as f:
+                    f.write(json.dumps({"iteration": it, "elapsed_s": round(elapsed, 2), **q}) + "\n")
+                t_last = time.perf_counter()  # do not count evaluation as training time
+            if int(tc.checkpoint_every) and it % int(tc.checkpoint_every) == 0 and it < total:
+                save_checkpoint(run_dir, model, opt, it, elapsed)
+                t_last = time.perf_counter()
+
+    save_checkpoint(run_dir, model, opt, it, elapsed)
+    writer.flush()
+    writer.close()
+    if it < total:
+        print(f"\ninterrupted at iteration {it}/{total}; checkpoint saved to {run_dir}/checkpoints/last.pt\n"
+              f"continue with:  fmgs-train --resume {run_dir}", file=sys.stderr)
+        raise KeyboardInterrupt
+    print(f"training done: {it} iterations in {elapsed / 60:.1f} min "
+          f"({elapsed / max(it - start_it, 1):.2f} s/it this session)")
+    return run_dir
