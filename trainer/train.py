@@ -187,7 +187,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
     total = int(cfg.train.iterations)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_it if resume else None)
     tc = cfg.train
-    rng = np.random.default_rng(int(tc.seed) + start_it)
     progress_file = run_dir / "progress.jsonl"
     eval_every = int(tc.eval_every or 0)
     print(f"fmgs-train: {model.num_surfels} surfels, {len(train_seq)} training frames, "
@@ -198,7 +197,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
                                              dynamic_ncols=True, disable=None) as bar:
         t_last = time.perf_counter()
         while it < total and not stop.requested:
-            fr = train_seq[int(rng.integers(len(train_seq)))]
+            # The frame of iteration `it` depends only on (seed, it), so a resumed run
+            # sees exactly the frames an uninterrupted one would.
+            fr = train_seq[int(np.random.default_rng([int(tc.seed), it]).integers(len(train_seq)))]
             gt = torch.from_numpy(fr.image)
             mask = torch.from_numpy(fr.mask)
             out = render_frame(model, setup, fr, cfg)
