@@ -82,17 +82,19 @@ def ssim_map(img1: torch.Tensor, img2: torch.Tensor, window_size: int = 11, sigm
     x, y = _to_bchw(img1), _to_bchw(img2)
     C = x.shape[1]
     g = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
-    win = torch.outer(g, g).expand(C, 1, window_size, window_size).contiguous()
     pad = window_size // 2
-
-    def filt(t):
-        return F.conv2d(t, win, padding=pad, groups=C)
-
-    mu_x, mu_y = filt(x), filt(y)
+    # The 2-D window is the outer product g g^T and zero padding is separable, so two 1-D
+    # passes give exactly the 2-D convolution; all five statistics go through one call.
+    stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    n = stats.shape[1]
+    wh = g.view(1, 1, 1, -1).expand(n, 1, 1, window_size).contiguous()
+    wv = g.view(1, 1, -1, 1).expand(n, 1, window_size, 1).contiguous()
+    filt = F.conv2d(F.conv2d(stats, wh, padding=(0, pad), groups=n), wv, padding=(pad, 0), groups=n)
+    mu_x, mu_y, e_xx, e_yy, e_xy = filt.split(C, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x = filt(x * x) - mu_xx
-    var_y = filt(y * y) - mu_yy
-    cov = filt(x * y) - mu_xy
+    var_x = e_xx - mu_xx
+    var_y = e_yy - mu_yy
+    cov = e_xy - mu_xy
     num = (2 * mu_xy + SSIM_C1) * (2 * cov + SSIM_C2)
     den = (mu_xx + mu_yy + SSIM_C1) * (var_x + var_y + SSIM_C2)
     return num / den
