@@ -196,7 +196,12 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
     with _GracefulInterrupt() as stop, tqdm(total=total, initial=start_it, desc="train", unit="it",
                                              dynamic_ncols=True, disable=None) as bar:
         t_last = time.perf_counter()
+        budget_s = float(tc.max_minutes) * 60.0 if tc.max_minutes else float("inf")
         while it < total and not stop.requested:
+            if elapsed >= budget_s:
+                print(f"\ntime budget of {tc.max_minutes} min reached at iteration {it}")
+                total = it
+                break
             # The frame of iteration `it` depends only on (seed, it), so a resumed run
             # sees exactly the frames an uninterrupted one would.
             fr = train_seq[int(np.random.default_rng([int(tc.seed), it]).integers(len(train_seq)))]

@@ -1,0 +1,80 @@
+"""Seconds per training iteration of the foundation avatar on real ZJU-MoCap 377.
+
+Times the stages of one iteration (model forward incl. LBS, rasterisation,
+losses, backward, optimiser step) at the given resolutions with the ~55k-surfel
+avatar, after warm-up, and prints a markdown table for docs/benchmarks.md.
+
+    python benchmarks/bench_train.py --res 256 512 --iters 10 [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--res", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.losses import mask_bce_loss, photometric_loss
+    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.trainer import train as T
+
+    rows = []
+    for res in args.res:
+        cfg = load_config(None, [f"data.image_size={res}", "data.train_range=[0,455]", "data.train_step=15",
+                                 *args.overrides])
+        seq = T.open_sequence(cfg, "train")
+        setup = T.build_setup(cfg, seq)
+        model = T.build_model(cfg, setup)
+        opt = torch.optim.Adam(model.param_groups(cfg.train.lr), eps=1e-15)
+        stages = {k: [] for k in ("model", "raster", "loss", "backward", "step", "total")}
+        for it in range(args.warmup + args.iters):
+            fr = seq[it % len(seq)]
+            gt, mask = torch.from_numpy(fr.image), torch.from_numpy(fr.mask)
+            t0 = time.perf_counter()
+            B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses, fr.world_from_body)
+            cam = fr.camera
+            posed = model(torch.as_tensor(B, dtype=torch.float32), torch.as_tensor(cam.center, dtype=torch.float32))
+            t1 = time.perf_counter()
+            out = rasterize_surfels(posed.means, posed.rotations, posed.scales, posed.opacities, posed.colors,
+                                    torch.as_tensor(cam.K, dtype=torch.float32),
+                                    torch.as_tensor(cam.viewmat, dtype=torch.float32), cam.width, cam.height,
+                                    max_fragments=cfg.train.max_fragments)
+            t2 = time.perf_counter()
+            loss = photometric_loss(out.rgb, gt, 0.2) + 0.1 * mask_bce_loss(out.alpha, mask)
+            t3 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t4 = time.perf_counter()
+            opt.step()
+            t5 = time.perf_counter()
+            if it >= args.warmup:
+                for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
+                    stages[k].append(v)
+        rows.append((res, model.num_surfels, {k: float(np.median(v)) for k, v in stages.items()}))
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.iters} iterations after {args.warmup} warm-up\n")
+    print("| resolution | surfels | model+LBS | rasterise | losses | backward | Adam | **s / iteration** |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for res, n, s in rows:
+        print(f"| {res}x{res} | {n} | {s['model']:.3f} | {s['raster']:.3f} | {s['loss']:.3f} | "
+              f"{s['backward']:.3f} | {s['step']:.3f} | **{s['total']:.3f}** |")
+
+
+if __name__ == "__main__":
+    main()
