@@ -131,20 +131,26 @@ class Frame:
 
 
 # ----------------------------------------------------------------------------- image I/O
+def _imread(path, what: str) -> np.ndarray:
+    """cv2.imread with FmgsInputError for a missing or undecodable ``what`` ('image'/'mask')."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FmgsInputError(f"{what} file not found", path)
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise FmgsInputError(f"cannot decode {what} (corrupt or unsupported format)", path)
+    return img
+
+
 def read_image(path) -> np.ndarray:
     """Read an 8-bit image as (H, W, 3) uint8 RGB (grey is expanded, alpha dropped).
 
     Raises:
         FmgsInputError: missing or undecodable file (named).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FmgsInputError("image file not found", path)
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise FmgsInputError("cannot decode image (corrupt or unsupported format)", path)
+    img = _imread(path, "image")
     if img.dtype != np.uint8:
-        raise FmgsInputError(f"image must be 8-bit, got {img.dtype}", path)
+        raise FmgsInputError(f"image must be 8-bit, got {img.dtype}", os.fspath(path))
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, 2)
     elif img.shape[2] == 4:
@@ -160,12 +166,7 @@ def read_mask(path) -> np.ndarray:
     Raises:
         FmgsInputError: missing or undecodable file (named).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FmgsInputError("mask file not found", path)
-    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise FmgsInputError("cannot decode mask (corrupt or unsupported format)", path)
+    m = _imread(path, "mask")
     if m.ndim == 3:
         m = m[:, :, 0]
     thr = 127 if m.dtype == np.uint8 else (np.iinfo(m.dtype).max // 2
