@@ -8,7 +8,9 @@ from pathlib import Path
 from fmgs.errors import FmgsInputError
 
 
-def _run(fn) -> int:
+def run_cli(fn) -> int:
+    """Run a CLI body: bad input prints ``error: <message naming the file>`` and gives
+    exit status 2 (no traceback); Ctrl-C gives 130; success 0."""
     try:
         fn()
     except FmgsInputError as exc:
@@ -59,7 +61,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if cfg.train.eval_at_end and not args.no_eval:
             evaluate(run_dir, max_frames=cfg.eval.max_frames)
 
-    return _run(go)
+    return run_cli(go)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -77,7 +79,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, write_video=not args.no_video)
 
-    return _run(go)
+    return run_cli(go)
 
 
 def train_entry() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fmgs.errors import FmgsInputError
+from fmgs.trainer.cli import run_cli
 
 __all__ = ["prep_main", "prep_entry", "parse_frames"]
 
@@ -204,7 +205,7 @@ def prep_main(argv: list[str] | None = None) -> int:
                     help="replace priors of another producer in --out")
     args = ap.parse_args(argv)
 
-    try:
+    def go():
         from fmgs.trainer.data import HumanNeRFSequence
 
         seq = HumanNeRFSequence(args.sequence, split="all", smpl_path=args.smpl_path)
@@ -218,12 +219,8 @@ def prep_main(argv: list[str] | None = None) -> int:
             from fmgs.trainer.sapiens_run import load_sapiens_models
 
             _sapiens(args, seq, names, models=load_sapiens_models(args.sapiens_model, args.device))
-    except FmgsInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return run_cli(go)
 
 
 def prep_entry() -> None:
