@@ -1,0 +1,449 @@
+"""The full FMGS-Avatar model (paper Sec. 4.1-4.3, eq. 2-12) assembled from the fields of
+:mod:`fmgs.trainer.fields`.
+
+This module is additive: the foundation model (:class:`fmgs.trainer.model.SurfelAvatar`)
+and its training path (:mod:`fmgs.trainer.train`) are untouched. Per frame,
+:meth:`FMGSAvatar.forward` computes
+
+1. ``Z_p = E(R_1..R_23, J_hat)`` (:class:`~fmgs.trainer.fields.HierarchicalPoseEncoder`,
+   16-d; in training the rotations get :func:`~fmgs.trainer.fields.add_pose_noise`);
+2. ``f_g, f_c, f_s`` (32-d each) from three hash grids (16 levels x 2 features) at the
+   *fixed* canonical surfel centres ``mu`` (eq. 2). The three grids have the same
+   configuration and the same input points, so the corner indices / trilinear weights
+   are computed ONCE (:meth:`HashGrid.precompute`) and shared; by default the three
+   tables are also gathered in one fused ``embedding_bag`` (``fused_grid_gather``);
+3. geometry residual (eq. 3-6): ``(delta_d, delta_s, delta_r, z_g) = F_g(f_g, Z_p)``,
+   ``mu' = mu + n delta_d``, ``s' = s exp(delta_s)``, ``R' = R exp([delta_r]_x)``;
+4. skinning weights ``W = softmax(F_w(H(mu')))`` (eq. 9) or the SMPL weights carried
+   to the surfels when the skinning field is off;
+5. forward LBS (eq. 10-12, :func:`~fmgs.trainer.fields.blend_lbs`):
+   ``T = sum_b w_b B_b``, ``mu_o = T mu'``, ``R_o = T_{1:3,1:3} R'`` (re-orthonormalised);
+6. colour (eq. 7): ``c = F_c(f_c, z_g, Z_p, gamma(d_hat))`` with
+   ``d_hat = T_{1:3,1:3}^{-1} d`` (:func:`~fmgs.trainer.fields.canonicalize_view_dirs`),
+   ``d`` the unit camera->surfel direction; ``d`` and ``T`` are detached there, as in the
+   foundation model, so the colour loss never moves geometry through the view direction;
+7. semantic logits (eq. 8): ``l_s = F_s(f_s)`` (28 Sapiens classes).
+
+:func:`pose_frame` turns a frame's SMPL pose (+ learnable per-frame correction
+``theta_p``, :class:`~fmgs.trainer.fields.PoseCorrection`) into the encoder rotations and
+the world-from-canonical bone transforms ``B_b = world_from_body @ G_pose_b @
+inv(G_canonical_b)`` in torch, so ``theta_p`` receives gradients.
+
+The coordinated training strategy (Sec. 4.5) lives in :mod:`fmgs.trainer.coordinated`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmgs.surfels import CanonicalSurfels
+from fmgs.trainer.fields import (
+    NUM_BONES,
+    NUM_SEMANTIC_CLASSES,
+    SMPL_PARENTS,
+    AppearanceField,
+    GeometryResidual,
+    GeometryResidualField,
+    HierarchicalPoseEncoder,
+    PoseCorrection,
+    SemanticField,
+    SkinningField,
+    add_pose_noise,
+    apply_geometry_residual,
+    blend_lbs,
+    canonicalize_view_dirs,
+    normalize_canonical_joints,
+)
+from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
+from fmgs.trainer.smpl_torch import batch_axis_angle_to_matrix, forward_kinematics_torch
+
+__all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints", "render_full"]
+
+
+# =========================================================================== config
+@dataclass
+class FullModelConfig:
+    """Hyper-parameters and switches of :class:`FMGSAvatar` (defaults = the paper's).
+
+    Attributes:
+        hash_grid: configuration shared by the geometry, appearance and semantic grids:
+            16 levels x 2 features = 32-d (Sec. 4.1.2), 2^16 entries per level,
+            resolutions 16 -> 2048 (3DGS-Avatar). One config for all three lets the
+            three grids share one precomputed lookup.
+        grid_padding: padding (fraction of the extent on each side) of the canonical
+            bounding box that maps the centres to [0, 1]^3 (0.05, as the foundation).
+        fused_grid_gather: gather the three tables with ONE ``embedding_bag`` over the
+            concatenated ``(T, 6)`` table (same values as three separate gathers; see
+            :meth:`FMGSAvatar.canonical_features`). False = three ``HashGrid.forward``.
+        pose_dim: size of the pose code ``Z_p`` (16).
+        geometry_latent_dim: size of ``z_g`` (16).
+        geometry_width, geometry_hidden: geometry MLP (128 wide, 2 hidden layers;
+            "lightweight", zero-initialised output = identity correction).
+        appearance_width, appearance_hidden: colour MLP (one 64-wide hidden layer).
+        sh_degree: degree of the SH encoding ``gamma`` of the canonical view direction (3;
+            -1 = no view dependence).
+        semantic_width, semantic_hidden: semantic decoder (one 64-wide hidden layer).
+        num_classes: semantic classes (28 Sapiens classes).
+        skinning_padding: bounding-box padding of the skinning field (0.1).
+        skinning_grid: hash encoding of the skinning field (None = the field's default,
+            8 levels x 2 features, 8 -> 256).
+        detach_skinning_query: feed ``mu'.detach()`` to the skinning field. Off by
+            default (the paper gives no stop-gradient there); on, the normal losses under
+            the coordinated strategy cannot reach ``delta_d`` through
+            ``delta_d -> mu' -> W -> T -> R_o`` (see :mod:`fmgs.trainer.coordinated`).
+        pose_noise_std, pose_noise_p: training-time pose augmentation
+            (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
+        init_opacity: initial surfel opacity (0.9, as the foundation).
+        use_geometry_field: eq. 3-6 on (off: ``mu' = mu``, ``R' = R``, ``s' = s``, ``z_g = 0``).
+        use_skinning_field: eq. 9 on (off: SMPL weights carried to the surfels).
+        use_semantic_field: eq. 8 on (off: ``semantic_logits`` is None).
+        use_pose_correction: hold a :class:`PoseCorrection` over ``num_frames`` frames.
+        num_frames: number of training frames (for the pose correction).
+    """
+
+    hash_grid: HashGridConfig = field(default_factory=lambda: HashGridConfig(
+        n_levels=16, n_features_per_level=2, log2_hashmap_size=16, base_resolution=16, max_resolution=2048))
+    grid_padding: float = 0.05
+    fused_grid_gather: bool = True
+    pose_dim: int = 16
+    geometry_latent_dim: int = 16
+    geometry_width: int = 128
+    geometry_hidden: int = 2
+    appearance_width: int = 64
+    appearance_hidden: int = 1
+    sh_degree: int = 3
+    semantic_width: int = 64
+    semantic_hidden: int = 1
+    num_classes: int = NUM_SEMANTIC_CLASSES
+    skinning_padding: float = 0.1
+    skinning_grid: HashGridConfig | None = None
+    detach_skinning_query: bool = False
+    pose_noise_std: float = 0.1
+    pose_noise_p: float = 0.5
+    init_opacity: float = 0.9
+    use_geometry_field: bool = True
+    use_skinning_field: bool = True
+    use_semantic_field: bool = True
+    use_pose_correction: bool = True
+    num_frames: int = 1
+
+
+# =========================================================================== outputs
+class FullPosed(NamedTuple):
+    """Output of :meth:`FMGSAvatar.forward`: world-space surfels plus what the losses need.
+
+    Attributes:
+        means: ``(S, 3)`` world centres ``mu_o`` (eq. 11), metres. Rasteriser input.
+        rotations: ``(S, 3, 3)`` world frames ``R_o`` (eq. 12), columns ``[t_u, t_v, n]``,
+            orthonormal. Rasteriser input.
+        scales: ``(S, 2)`` ``s'`` (eq. 5), metres. Rasteriser input.
+        opacities: ``(S,)`` in (0, 1). Rasteriser input.
+        colors: ``(S, 3)`` in (0, 1) (eq. 7). Rasteriser input.
+        semantic_logits: ``(S, 28)`` unnormalised logits (eq. 8), or None when the semantic
+            field is off. Rasteriser ``extras`` input.
+        skin_weights: ``(S, 24)`` the skinning weights used (field output or SMPL's), rows
+            sum to 1.
+        canonical_centers: ``(S, 3)`` corrected canonical centres ``mu'`` (eq. 4), metres
+            (for :func:`~fmgs.trainer.losses.isometry_loss`).
+        canonical_rotations: ``(S, 3, 3)`` corrected canonical frames ``R'`` (eq. 6).
+        semantic_features: ``(S, 32)`` ``f_s`` (for eq. 20), or None with the field off.
+        residual: the :class:`~fmgs.trainer.fields.GeometryResidual` (``delta_d (S,1)``,
+            ``delta_s (S,2)``, ``delta_r (S,3)``, ``z_g (S,16)``), or None with the field off.
+        pose_code: ``(1, 16)`` ``Z_p``.
+        transforms: ``(S, 4, 4)`` blended LBS transforms ``T`` (eq. 10).
+    """
+
+    means: torch.Tensor
+    rotations: torch.Tensor
+    scales: torch.Tensor
+    opacities: torch.Tensor
+    colors: torch.Tensor
+    semantic_logits: torch.Tensor | None
+    skin_weights: torch.Tensor
+    canonical_centers: torch.Tensor
+    canonical_rotations: torch.Tensor
+    semantic_features: torch.Tensor | None
+    residual: GeometryResidual | None
+    pose_code: torch.Tensor
+    transforms: torch.Tensor
+
+    def render_inputs(self) -> dict[str, torch.Tensor]:
+        """The rasteriser-input tensors by name (``means, rotations, scales, opacities,
+        colors`` and ``extras`` = semantic logits when present), as
+        :func:`fmgs.trainer.coordinated.coordinated_backward` expects them."""
+        d = {"means": self.means, "rotations": self.rotations, "scales": self.scales,
+             "opacities": self.opacities, "colors": self.colors}
+        if self.semantic_logits is not None:
+            d["extras"] = self.semantic_logits
+        return d
+
+
+# =========================================================================== posing helpers
+def canonical_pose_joints(surfels: CanonicalSurfels) -> np.ndarray:
+    """``(24, 3)`` float64 joints of the canonical (star / T) pose, metres, body frame:
+    the joints the surfels were built around (``CanonicalSurfels.joints``); feed them to
+    :meth:`FMGSAvatar.forward` as ``canonical_joints`` (normalised there)."""
+    return np.asarray(surfels.joints, np.float64)
+
+
+def pose_frame(
+    poses,
+    frame_id: int | None,
+    pose_correction: PoseCorrection | None,
+    rest_joints,
+    canonical_G,
+    world_from_body,
+    parents=SMPL_PARENTS,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable per-frame posing: corrected local rotations and bone transforms.
+
+    ``theta_p = theta + delta[frame_id]`` (:class:`PoseCorrection`; no correction when
+    ``pose_correction`` or ``frame_id`` is None, e.g. test frames), ``R_b =
+    exp([theta_p,b]_x)`` (:func:`batch_axis_angle_to_matrix`), ``G_pose =`` FK of ``R`` on
+    the rest joints (:func:`forward_kinematics_torch`) and
+    ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)`` -- the same definition as
+    :func:`fmgs.trainer.model.frame_bone_transforms`, but in torch so that ``delta``
+    receives gradients (``inv(G_canonical)`` and ``world_from_body`` are constants).
+
+    Args:
+        poses: ``(72,)`` SMPL axis-angle of the frame, radians (array or tensor).
+        frame_id: training-frame index into the correction table, or None.
+        pose_correction: the learnable correction, or None.
+        rest_joints: ``(24, 3)`` shaped rest-pose joints, metres (``AvatarSetup.rest_joints``).
+        canonical_G: ``(24, 4, 4)`` relative bone transforms of the canonical pose.
+        world_from_body: ``(4, 4)`` rigid body -> world transform (``Frame.world_from_body``).
+        parents: kinematic tree.
+        dtype: output dtype (float32 for training, float64 for checks).
+
+    Returns:
+        ``(rot_mats (24, 3, 3), bone_transforms (24, 4, 4))``: the corrected local joint
+        rotations (input of the pose encoder; joint 0 is replaced by the identity there)
+        and the world-from-canonical bone transforms ``B_b`` (metres).
+    """
+    dev = pose_correction.delta.device if pose_correction is not None else None
+    theta = torch.as_tensor(np.asarray(poses, np.float64) if not torch.is_tensor(poses) else poses)
+    theta = theta.to(device=dev, dtype=dtype).reshape(1, NUM_BONES * 3)
+    if pose_correction is not None and frame_id is not None:
+        theta = pose_correction(torch.tensor([int(frame_id)], device=theta.device), theta)
+    rot = batch_axis_angle_to_matrix(theta.reshape(NUM_BONES, 3))
+    J = torch.as_tensor(np.asarray(rest_joints, np.float64), dtype=dtype, device=rot.device)
+    G_pose = forward_kinematics_torch(rot, J, parents)
+    G_inv = torch.as_tensor(np.linalg.inv(np.asarray(canonical_G, np.float64)), dtype=dtype, device=rot.device)
+    W = torch.as_tensor(np.asarray(world_from_body, np.float64), dtype=dtype, device=rot.device)
+    return rot, W[None] @ G_pose @ G_inv
+
+
+def _inverse_sigmoid(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+# =========================================================================== the model
+class FMGSAvatar(nn.Module):
+    """Full FMGS-Avatar (eq. 2-12): pose-dependent geometry residual, neural skinning,
+    pose/view-conditioned appearance and semantic fields on mesh-bound canonical surfels.
+
+    Args:
+        surfels: canonical surfels (fixed centres ``mu`` (S,3), frames ``R`` (S,3,3),
+            scales ``s`` (S,2), SMPL skinning weights (S,24)).
+        cfg: :class:`FullModelConfig` (defaults: the paper's sizes, all fields on).
+
+    Buffers: ``centers``, ``frames``, ``scales0``, ``skin_weights``, ``bbox_min/max``.
+    The precomputed grid lookup is a plain attribute (recomputed by :meth:`to`-moves
+    lazily), shared by the three grids.
+    Parameters: the three grid tables, pose encoder, geometry / appearance / semantic /
+    skinning fields (those switched on), opacity logits ``(S,)`` and, with
+    ``use_pose_correction``, ``pose_correction.delta (num_frames, 24, 3)``.
+    """
+
+    def __init__(self, surfels: CanonicalSurfels, cfg: FullModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or FullModelConfig()
+        f32 = torch.float32
+        centers = torch.as_tensor(np.asarray(surfels.centers), dtype=f32)
+        self.register_buffer("centers", centers)
+        self.register_buffer("frames", torch.as_tensor(np.asarray(surfels.rotations), dtype=f32))
+        self.register_buffer("scales0", torch.as_tensor(np.asarray(surfels.scales), dtype=f32))
+        self.register_buffer("skin_weights", torch.as_tensor(np.asarray(surfels.skin_weights), dtype=f32))
+        bmin, bmax = centers.min(0).values, centers.max(0).values
+        self.register_buffer("bbox_min", bmin)
+        self.register_buffer("bbox_max", bmax)
+        n = centers.shape[0]
+
+        # Three property volumes (Sec. 4.1.2) with one configuration and one lookup.
+        self.geometry_grid = HashGrid(cfg.hash_grid)
+        self.appearance_grid = HashGrid(cfg.hash_grid)
+        self.semantic_grid = HashGrid(cfg.hash_grid) if cfg.use_semantic_field else None
+        self._lookup: HashLookup = self.geometry_grid.precompute(
+            normalize_to_bbox(centers, bmin, bmax, padding=cfg.grid_padding))
+        fdim = self.geometry_grid.output_dim
+
+        self.pose_encoder = HierarchicalPoseEncoder(code_dim=cfg.pose_dim)
+        self.geometry_field = (GeometryResidualField(fdim, cfg.pose_dim, cfg.geometry_latent_dim,
+                                                     cfg.geometry_width, cfg.geometry_hidden)
+                               if cfg.use_geometry_field else None)
+        self.appearance_field = AppearanceField(fdim, cfg.geometry_latent_dim, cfg.pose_dim, cfg.sh_degree,
+                                                cfg.appearance_width, cfg.appearance_hidden)
+        self.semantic_field = (SemanticField(fdim, cfg.num_classes, cfg.semantic_width, cfg.semantic_hidden)
+                               if cfg.use_semantic_field else None)
+        self.skinning_field = (SkinningField(bmin, bmax, padding=cfg.skinning_padding, grid_cfg=cfg.skinning_grid)
+                               if cfg.use_skinning_field else None)
+        self.pose_correction = PoseCorrection(int(cfg.num_frames)) if cfg.use_pose_correction else None
+        self.opacity_logit = nn.Parameter(torch.full((n,), _inverse_sigmoid(cfg.init_opacity), dtype=f32))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_surfels(self) -> int:
+        """Number of surfels ``S`` (fixed)."""
+        return int(self.centers.shape[0])
+
+    def _grids(self) -> list[HashGrid]:
+        return [g for g in (self.geometry_grid, self.appearance_grid, self.semantic_grid) if g is not None]
+
+    def _lookup_on(self, device: torch.device) -> HashLookup:
+        if self._lookup.indices.device != device:
+            self._lookup = self._lookup.to(device)
+        return self._lookup
+
+    def canonical_features(self) -> list[torch.Tensor]:
+        """Property features at the fixed canonical centres (Sec. 4.1.2).
+
+        ``f = sum_{corners k} w_k table[idx_k]`` per level, with ONE precomputed lookup
+        (indices and trilinear weights) for all grids. With ``fused_grid_gather`` the
+        tables (each ``(sum_l T_l, 2)``) are concatenated along the feature axis into a
+        ``(sum_l T_l, 2G)`` table and gathered by one ``embedding_bag``; its backward is
+        one sparse product with the lookup's cached CSR matrix (columns split back per
+        grid by ``torch.cat``'s backward). Identical values to separate gathers.
+
+        Returns:
+            ``[f_g, f_c]`` (+ ``f_s`` when the semantic field is on), each ``(S, 32)``.
+        """
+        grids = self._grids()
+        lookup = self._lookup_on(self.geometry_grid.table.device)
+        if not self.cfg.fused_grid_gather:
+            return [g(lookup=lookup) for g in grids]
+        L, Fd = self.cfg.hash_grid.n_levels, self.cfg.hash_grid.n_features_per_level
+        table = torch.cat([g.table for g in grids], dim=1)                     # (T, G*F)
+        w = lookup.flat_weights.to(table.dtype)
+        out = _WeightedGather.apply(table, lookup.flat_indices, w, lookup)     # (S*L, G*F)
+        out = out.view(self.num_surfels, L, len(grids), Fd)
+        return [out[:, :, k].reshape(self.num_surfels, L * Fd) for k in range(len(grids))]
+
+    def param_groups(self, lr_grid: float = 1e-2, lr_mlp: float = 1e-3, lr_opacity: float = 5e-2,
+                     lr_pose: float = 1e-4) -> list[dict]:
+        """Adam parameter groups (hash tables / MLPs / opacities / pose correction)."""
+        grids = [p for g in self._grids() for p in g.parameters()]
+        if self.skinning_field is not None:
+            grids += list(self.skinning_field.grid.parameters())
+        mlps = list(self.pose_encoder.parameters()) + list(self.appearance_field.parameters())
+        for m in (self.geometry_field, self.semantic_field):
+            if m is not None:
+                mlps += list(m.parameters())
+        if self.skinning_field is not None:
+            mlps += list(self.skinning_field.mlp.parameters())
+        groups = [{"params": grids, "lr": lr_grid, "name": "hash_grid"},
+                  {"params": mlps, "lr": lr_mlp, "name": "mlp"},
+                  {"params": [self.opacity_logit], "lr": lr_opacity, "name": "opacity"}]
+        if self.pose_correction is not None:
+            groups.append({"params": list(self.pose_correction.parameters()), "lr": lr_pose, "name": "pose"})
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, rot_mats: torch.Tensor, bone_transforms: torch.Tensor, camera_center: torch.Tensor,
+                canonical_joints: torch.Tensor, training: bool = False,
+                generator: torch.Generator | None = None) -> FullPosed:
+        """Pose the avatar for one frame (eq. 3-12).
+
+        Args:
+            rot_mats: ``(24, 3, 3)`` local joint rotations of the frame (already
+                pose-corrected, :func:`pose_frame`); joint 0 is ignored by the encoder.
+            bone_transforms: ``(24, 4, 4)`` world-from-canonical ``B_b`` (:func:`pose_frame`
+                or :func:`fmgs.trainer.model.frame_bone_transforms`), metres.
+            camera_center: ``(3,)`` camera position, world, metres.
+            canonical_joints: ``(24, 3)`` canonical-pose joints (metres, or already
+                normalised: :func:`normalize_canonical_joints` is idempotent).
+            training: add the pose-encoder noise (:func:`add_pose_noise`).
+            generator: optional CPU generator for that noise.
+
+        Returns:
+            :class:`FullPosed`.
+        """
+        cfg = self.cfg
+        dt = self.centers.dtype
+        rot_in = rot_mats.to(dt)
+        if training:
+            rot_in = add_pose_noise(rot_in, cfg.pose_noise_std, cfg.pose_noise_p, generator=generator)
+        joints = normalize_canonical_joints(torch.as_tensor(canonical_joints, dtype=dt, device=self.centers.device))
+        z_p = self.pose_encoder(rot_in, joints)                                           # (1, 16)
+
+        feats = self.canonical_features()
+        f_g, f_c = feats[0], feats[1]
+        f_s = feats[2] if self.semantic_field is not None else None
+
+        if self.geometry_field is not None:
+            res = self.geometry_field(f_g, z_p)                                            # eq. 3
+            corr = apply_geometry_residual(self.centers, self.frames, self.scales0, None, res)  # eq. 4-6
+            mu_c, R_c, s_c, z_g = corr.centers, corr.rotations, corr.scales, res.z_g
+        else:
+            res = None
+            mu_c, R_c, s_c = self.centers, self.frames, self.scales0
+            z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
+
+        if self.skinning_field is not None:                                                # eq. 9
+            W = self.skinning_field(mu_c.detach() if cfg.detach_skinning_query else mu_c)
+        else:
+            W = self.skin_weights
+        lbs = blend_lbs(W, bone_transforms.to(dt), mu_c, R_c)                              # eq. 10-12
+
+        d_hat = None
+        if self.appearance_field.sh_degree >= 0:
+            d = F.normalize(lbs.means.detach() - camera_center.to(dt)[None], dim=-1)
+            d_hat = canonicalize_view_dirs(d, lbs.transforms.detach())
+        colors = self.appearance_field(f_c, z_g, z_p, d_hat)                               # eq. 7
+        logits = self.semantic_field(f_s) if self.semantic_field is not None else None    # eq. 8
+        return FullPosed(
+            means=lbs.means, rotations=lbs.rotations, scales=s_c, opacities=torch.sigmoid(self.opacity_logit),
+            colors=colors, semantic_logits=logits, skin_weights=W, canonical_centers=mu_c,
+            canonical_rotations=R_c, semantic_features=f_s, residual=res, pose_code=z_p,
+            transforms=lbs.transforms,
+        )
+
+
+def render_full(posed: FullPosed, camera, background=None, backend: str = "auto",
+                max_fragments: int | None = None):
+    """Render a :class:`FullPosed` with :func:`fmgs.trainer.rasterizer.rasterize_surfels`
+    (semantic logits as the ``extras`` channels).
+
+    The tensors passed to the rasteriser are exactly ``posed.render_inputs()`` (the same
+    objects), so that dict can be handed to
+    :func:`fmgs.trainer.coordinated.coordinated_backward`.
+
+    Args:
+        posed: the posed avatar.
+        camera: :class:`fmgs.camera.Camera` (``K`` pixels, ``viewmat`` world->camera,
+            ``width``, ``height``).
+        background: optional ``(3,)`` colour in [0, 1] (tensor or sequence); default black.
+        backend, max_fragments: as :func:`rasterize_surfels`.
+
+    Returns:
+        :class:`fmgs.trainer.rasterizer.RenderOutput`: ``rgb (H,W,3)``, ``alpha (H,W)``,
+        ``depth``/``depth_median (H,W)`` metres, ``normal (H,W,3)`` camera space,
+        ``extras (H,W,28)`` rendered logits (None without the semantic field).
+    """
+    from fmgs.trainer.rasterizer import rasterize_surfels
+
+    x = posed.render_inputs()
+    dt = x["means"].dtype
+    bg = None if background is None else torch.as_tensor(np.asarray(background, np.float64), dtype=dt)
+    return rasterize_surfels(
+        x["means"], x["rotations"], x["scales"], x["opacities"], x["colors"],
+        torch.as_tensor(np.asarray(camera.K), dtype=dt), torch.as_tensor(np.asarray(camera.viewmat), dtype=dt),
+        int(camera.width), int(camera.height), extras=x.get("extras"), background=bg, backend=backend,
+        max_fragments=max_fragments,
+    )
