@@ -75,7 +75,10 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
 
     seq = open_sequence(cfg, "test")
     setup = build_setup(cfg, seq)
-    model = build_model(cfg, setup)
+    # The full model's per-frame pose corrections belong to the training frames; keep their
+    # count so the checkpoint loads (held-out frames are rendered without correction).
+    delta = state["model"].get("pose_correction.delta")
+    model = build_model(cfg, setup, num_frames=0 if delta is None else int(delta.shape[0]))
     model.load_state_dict(state["model"])
     model.eval()
     lpips = LPIPSMetric()

@@ -274,6 +274,15 @@ class FMGSAvatar(nn.Module):
         bmin, bmax = centers.min(0).values, centers.max(0).values
         self.register_buffer("bbox_min", bmin)
         self.register_buffer("bbox_max", bmax)
+        # Canonical upsampled mesh (skinning-regulariser samples) and surfel adjacency
+        # (isometry pairs); derived from the surfels, so not saved in checkpoints.
+        self.register_buffer("mesh_verts", torch.as_tensor(np.asarray(surfels.verts), dtype=f32), persistent=False)
+        self.register_buffer("mesh_faces", torch.as_tensor(np.asarray(surfels.faces), dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("mesh_skin_weights", torch.as_tensor(np.asarray(surfels.mesh_skin_weights), dtype=f32),
+                             persistent=False)
+        self.register_buffer("neighbour_pairs", torch.as_tensor(np.asarray(surfels.face_adjacency), dtype=torch.long),
+                             persistent=False)
         n = centers.shape[0]
 
         # Three property volumes (Sec. 4.1.2) with one configuration and one lookup.

@@ -83,17 +83,75 @@ def build_setup(cfg: DictConfig, seq: HumanNeRFSequence) -> AvatarSetup:
     return AvatarSetup(smpl, betas, np.asarray(surfels.rest_joints, np.float64), surfels, np.asarray(surfels.bone_transforms, np.float64))
 
 
-def build_model(cfg: DictConfig, setup: AvatarSetup) -> SurfelAvatar:
-    """The avatar module for this config."""
+def is_full(cfg: DictConfig) -> bool:
+    """True for ``model.kind=full`` (the paper's model), False for the foundation model.
+
+    Raises:
+        FmgsInputError: an unknown ``model.kind``.
+    """
+    if cfg.model.kind not in ("foundation", "full"):
+        raise FmgsInputError(f"model.kind must be 'foundation' or 'full', got {cfg.model.kind!r}")
+    return cfg.model.kind == "full"
+
+
+def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> torch.nn.Module:
+    """The avatar module for this config: :class:`SurfelAvatar` (foundation) or
+    :class:`fmgs.trainer.full_model.FMGSAvatar` (full; ``num_frames`` training frames get a
+    pose correction)."""
+    if is_full(cfg):
+        from fmgs.trainer.full_model import FMGSAvatar, FullModelConfig
+
+        f = cfg.model.full
+        return FMGSAvatar(setup.surfels, FullModelConfig(
+            use_geometry_field=bool(f.geometry_field), use_skinning_field=bool(f.skinning_field),
+            use_semantic_field=bool(f.semantic_field),
+            use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
+            init_opacity=float(cfg.surfels.init_opacity)))
     return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
 
 
-def render_frame(model: SurfelAvatar, setup: AvatarSetup, frame, cfg: DictConfig) -> RenderOutput:
+def make_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam over the model's parameter groups with the ``train.lr`` learning rates."""
+    lr = cfg.train.lr
+    if is_full(cfg):
+        groups = model.param_groups(lr_grid=lr.hash_grid, lr_mlp=lr.mlp, lr_opacity=lr.opacity, lr_pose=lr.pose)
+    else:
+        groups = model.param_groups(lr)
+    return torch.optim.Adam(groups, eps=1e-15)
+
+
+def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id: int | None = None,
+                    training: bool = False):
+    """Pose the avatar for ``frame`` and render it; returns ``(RenderOutput, posed)``.
+
+    Args:
+        frame_id: index of ``frame`` in the training split (full model's pose correction);
+            None for held-out frames.
+        training: full model only: apply training-time pose noise.
+    """
+    if is_full(cfg):
+        from fmgs.trainer.full_model import canonical_pose_joints, pose_frame, render_full
+
+        pc = model.pose_correction if frame_id is not None else None
+        rot, B = pose_frame(frame.poses, frame_id if pc is not None else None, pc, setup.rest_joints,
+                            setup.canonical_G, frame.world_from_body)
+        cam = frame.camera
+        posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32),
+                      torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training)
+        out = render_full(posed, cam, background=torch.as_tensor(np.asarray(cfg.data.background, np.float32)),
+                          backend=cfg.train.backend, max_fragments=cfg.train.max_fragments)
+        return out, posed
+    return render_frame(model, setup, frame, cfg), None
+
+
+def render_frame(model, setup: AvatarSetup, frame, cfg: DictConfig) -> RenderOutput:
     """Pose the avatar for ``frame`` (a :class:`fmgs.trainer.data.Frame`) and render it.
 
     Returns:
         The rasteriser output at the frame's camera resolution, background from the config.
     """
+    if is_full(cfg):
+        return pose_and_render(model, setup, frame, cfg)[0]
     B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, frame.poses, frame.world_from_body)
     cam = frame.camera
     posed = model(torch.as_tensor(B, dtype=torch.float32), torch.as_tensor(cam.center, dtype=torch.float32))
@@ -172,8 +230,16 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
     train_seq = open_sequence(cfg, "train")
     test_seq = open_sequence(cfg, "test")
     setup = build_setup(cfg, train_seq)
-    model = build_model(cfg, setup)
-    opt = torch.optim.Adam(model.param_groups(cfg.train.lr), eps=1e-15)
+    full = is_full(cfg)
+    model = build_model(cfg, setup, num_frames=len(train_seq))
+    opt = make_optimizer(cfg, model)
+    priors = None
+    if full:
+        from fmgs.priors import load_priors
+        from fmgs.trainer.coordinated import coordinated_backward
+        from fmgs.trainer.objectives import full_loss_groups
+
+        priors = load_priors(cfg.data.root, train_seq.names, int(cfg.data.image_size), cfg.data.priors_dir)
 
     start_it, elapsed = 0, 0.0
     if resume:
@@ -204,15 +270,23 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
                 break
             # The frame of iteration `it` depends only on (seed, it), so a resumed run
             # sees exactly the frames an uninterrupted one would.
-            fr = train_seq[int(np.random.default_rng([int(tc.seed), it]).integers(len(train_seq)))]
+            idx = int(np.random.default_rng([int(tc.seed), it]).integers(len(train_seq)))
+            fr = train_seq[idx]
             gt = torch.from_numpy(fr.image)
-            mask = torch.from_numpy(fr.mask)
-            out = render_frame(model, setup, fr, cfg)
-            l_photo = photometric_loss(out.rgb, gt, lambda_ssim=float(tc.lambda_ssim))
-            l_mask = mask_bce_loss(out.alpha, mask)
-            loss = l_photo + float(tc.lambda_mask) * l_mask
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if full:
+                gen = torch.Generator().manual_seed(int(tc.seed) * 1_000_003 + it)
+                out, posed = pose_and_render(model, setup, fr, cfg, frame_id=idx, training=True)
+                groups = full_loss_groups(cfg, out, posed, model, fr, priors[idx], it, generator=gen)
+                loss = sum(groups.values())
+                coordinated_backward(posed.render_inputs(), groups, enabled=bool(tc.coordinated))
+            else:
+                mask = torch.from_numpy(fr.mask)
+                out = render_frame(model, setup, fr, cfg)
+                groups = {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(tc.lambda_ssim)),
+                          "mask_bce": float(tc.lambda_mask) * mask_bce_loss(out.alpha, mask)}
+                loss = sum(groups.values())
+                loss.backward()
             if tc.grad_clip and tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
             opt.step()
@@ -226,8 +300,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
                     p = psnr(out.rgb.detach().clamp(0, 1).numpy(), fr.image)
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.2f}")
                 writer.add_scalar("loss/total", loss.item(), it)
-                writer.add_scalar("loss/photometric", l_photo.item(), it)
-                writer.add_scalar("loss/mask_bce", l_mask.item(), it)
+                for name, val in groups.items():
+                    writer.add_scalar(f"loss/{name}", float(val.detach()), it)
                 writer.add_scalar("train/psnr", p, it)
                 writer.add_scalar("train/seconds_per_iteration", elapsed / it, it)
             if int(tc.image_every) and it % int(tc.image_every) == 0:
