@@ -81,6 +81,12 @@ def test_eval_outputs(tiny_run):
     img = iio.imread(pngs[0])
     assert img.shape == (96, 3 * 96, 3)
     assert (ev / "video.mp4").stat().st_size > 1000
+    modes = iio.imread(ev / "modes" / "frame_000455.png")
+    assert modes.shape == (96, 4 * 96, 3)  # rgb | depth | normal | normal from depth (no semantics)
+    # every panel shows the same foreground silhouette (alpha > 0.5), nothing outside it
+    fg = [(modes[:, k * 96:(k + 1) * 96].astype(int).sum(-1) > 0) for k in range(4)]
+    assert fg[1].sum() > 100 and not (fg[1] & ~fg[0]).any() and not (fg[2] & ~fg[0]).any()
+    assert (ev / "modes.mp4").stat().st_size > 1000
     assert (tiny_run / "tb").is_dir() and any((tiny_run / "tb").iterdir())
 
 
@@ -179,3 +185,11 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     assert after > before + 1.0, (before, after)
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["num_frames"] == 2 and abs(m["psnr"] - after) < 0.5
+    import imageio.v3 as iio
+
+    modes = iio.imread(run / "eval" / "modes" / "frame_000455.png")
+    assert modes.shape == (96, 5 * 96, 3)  # ... | semantic map
+    from fmgs.priors import SAPIENS_PALETTE
+
+    sem = modes[:, 4 * 96:].reshape(-1, 1, 3)  # every pixel is a class colour
+    assert (sem == SAPIENS_PALETTE[None]).all(-1).any(-1).all()

@@ -8,6 +8,9 @@ Writes into ``RUN_DIR/eval/`` (or ``--out``):
   library versions (scikit-image changes SSIM values) and render timing.
 - ``images/<frame>.png``: ground truth | render | absolute error, side by side.
 - ``video.mp4``: the side-by-side images as a video (H.264 through imageio-ffmpeg).
+- ``modes/<frame>.png`` and ``modes.mp4``: the multi-modal renders of the paper's
+  Fig. 3-4 side by side: RGB | depth | rendered normal | normal from depth | semantic
+  map (the last for the full model with its semantic field).
 """
 from __future__ import annotations
 
@@ -48,6 +51,41 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
+    """Visualisations of one render: RGB, depth, rendered normal, normal from depth,
+    semantic map (when ``out.extras`` holds 28 semantic logits).
+
+    Args:
+        out: :class:`fmgs.trainer.rasterizer.RenderOutput` (no grad needed).
+        K: (3, 3) intrinsics of the render, pixels.
+
+    Returns:
+        List of (H, W, 3) uint8 images. Depth: expected depth, min-max normalised over the
+        pixels with alpha > 0.5 and shown with OpenCV's TURBO colour map (near = red);
+        normals: camera-space unit normals as ``(n + 1) / 2`` (OpenCV axes); background black.
+    """
+    import cv2
+
+    from fmgs.priors import colorize_labels
+    from fmgs.trainer.losses import normal_from_depth
+
+    with torch.no_grad():
+        fg = (out.alpha > 0.5).numpy()
+        rgb = _to_uint8(out.rgb.clamp(0, 1).numpy())
+        d = out.depth.numpy()
+        depth_vis = np.zeros_like(rgb)
+        if fg.any():
+            lo, hi = float(d[fg].min()), float(d[fg].max())
+            z = np.clip((hi - d) / max(hi - lo, 1e-6), 0, 1)
+            depth_vis = cv2.applyColorMap((z * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
+        n = torch.nn.functional.normalize(out.normal, dim=-1).numpy()
+        nd = normal_from_depth(out.depth, torch.as_tensor(K, dtype=out.depth.dtype)).numpy()
+        panels = [rgb, depth_vis, _to_uint8((n + 1) / 2), _to_uint8((nd + 1) / 2)]
+        if out.extras is not None and out.extras.shape[-1] == 28:
+            panels.append(colorize_labels(out.extras.argmax(-1).numpy()))
+    return [np.where(fg[..., None], p, 0).astype(np.uint8) for p in panels]
+
+
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
              write_video: bool = True) -> dict:
     """Render and score the test split of a trained run.
@@ -71,6 +109,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     cfg = load_run_config(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "eval"
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "modes").mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(run_dir)
 
     seq = open_sequence(cfg, "test")
@@ -86,7 +125,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         print(f"LPIPS: not computed ({lpips.reason})")
 
     n = len(seq) if max_frames is None else min(len(seq), int(max_frames))
-    per_frame, sides, times = [], [], []
+    per_frame, sides, modes, times = [], [], [], []
     from tqdm import tqdm
 
     with torch.no_grad():
@@ -104,6 +143,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             side = _to_uint8(np.concatenate([gt, pred, np.clip(err * 4.0, 0, 1)], axis=1))
             iio.imwrite(out_dir / "images" / f"{fr.name}.png", side)
             sides.append(side)
+            row = np.concatenate(modal_panels(out, fr.camera.K), axis=1)
+            iio.imwrite(out_dir / "modes" / f"{fr.name}.png", row)
+            modes.append(row)
 
     def mean(key):
         vals = [r[key] for r in per_frame if r[key] is not None]
@@ -128,9 +170,10 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
     if write_video and sides:
-        with atomic_path(out_dir / "video.mp4") as tmp:
-            iio.imwrite(tmp, np.stack(sides), extension=".mp4", fps=int(cfg.eval.video_fps),
-                        codec="libx264", macro_block_size=1)
+        for name, frames in (("video.mp4", sides), ("modes.mp4", modes)):
+            with atomic_path(out_dir / name) as tmp:
+                iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=int(cfg.eval.video_fps),
+                            codec="libx264", macro_block_size=1)
     print(f"held-out ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     return metrics
