@@ -5,6 +5,10 @@ losses, backward, optimiser step) at the given resolutions with the ~55k-surfel
 avatar, after warm-up, and prints a markdown table for docs/benchmarks.md.
 
     python benchmarks/bench_train.py --res 256 512 --iters 10 [--threads 2]
+    python benchmarks/bench_train.py --res 512 model.kind=full data.priors_dir=runs/priors377
+
+The full model (``model.kind=full``) is timed with the training loop's own loss groups
+(priors from ``data.priors_dir`` when given) and coordinated backward.
 """
 from __future__ import annotations
 
@@ -39,26 +43,50 @@ def main() -> None:
                                  *args.overrides])
         seq = T.open_sequence(cfg, "train")
         setup = T.build_setup(cfg, seq)
-        model = T.build_model(cfg, setup)
-        opt = torch.optim.Adam(model.param_groups(cfg.train.lr), eps=1e-15)
+        full = T.is_full(cfg)
+        model = T.build_model(cfg, setup, num_frames=len(seq))
+        opt = T.make_optimizer(cfg, model)
+        if full:
+            from fmgs.priors import load_priors
+            from fmgs.trainer.coordinated import coordinated_backward
+            from fmgs.trainer.full_model import canonical_pose_joints, pose_frame, render_full
+            from fmgs.trainer.objectives import full_loss_groups
+
+            priors = load_priors(cfg.data.root, seq.names, res, cfg.data.priors_dir)
+            cano_joints = torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32)
         stages = {k: [] for k in ("model", "raster", "loss", "backward", "step", "total")}
         for it in range(args.warmup + args.iters):
-            fr = seq[it % len(seq)]
+            idx = it % len(seq)
+            fr = seq[idx]
             gt, mask = torch.from_numpy(fr.image), torch.from_numpy(fr.mask)
-            t0 = time.perf_counter()
-            B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses, fr.world_from_body)
             cam = fr.camera
-            posed = model(torch.as_tensor(B, dtype=torch.float32), torch.as_tensor(cam.center, dtype=torch.float32))
-            t1 = time.perf_counter()
-            out = rasterize_surfels(posed.means, posed.rotations, posed.scales, posed.opacities, posed.colors,
-                                    torch.as_tensor(cam.K, dtype=torch.float32),
-                                    torch.as_tensor(cam.viewmat, dtype=torch.float32), cam.width, cam.height,
-                                    max_fragments=cfg.train.max_fragments)
-            t2 = time.perf_counter()
-            loss = photometric_loss(out.rgb, gt, 0.2) + 0.1 * mask_bce_loss(out.alpha, mask)
-            t3 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            t0 = time.perf_counter()
+            if full:
+                rot, B = pose_frame(fr.poses, idx, model.pose_correction, setup.rest_joints, setup.canonical_G,
+                                    fr.world_from_body)
+                posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32), cano_joints, training=True)
+                t1 = time.perf_counter()
+                out = render_full(posed, cam, max_fragments=cfg.train.max_fragments)
+                t2 = time.perf_counter()
+                groups = full_loss_groups(cfg, out, posed, model, fr, priors[idx], it)
+                t3 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                coordinated_backward(posed.render_inputs(), groups, enabled=bool(cfg.train.coordinated))
+            else:
+                B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses,
+                                          fr.world_from_body)
+                posed = model(torch.as_tensor(B, dtype=torch.float32),
+                              torch.as_tensor(cam.center, dtype=torch.float32))
+                t1 = time.perf_counter()
+                out = rasterize_surfels(posed.means, posed.rotations, posed.scales, posed.opacities, posed.colors,
+                                        torch.as_tensor(cam.K, dtype=torch.float32),
+                                        torch.as_tensor(cam.viewmat, dtype=torch.float32), cam.width, cam.height,
+                                        max_fragments=cfg.train.max_fragments)
+                t2 = time.perf_counter()
+                loss = photometric_loss(out.rgb, gt, 0.2) + 0.1 * mask_bce_loss(out.alpha, mask)
+                t3 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             t4 = time.perf_counter()
             opt.step()
             t5 = time.perf_counter()
@@ -69,6 +97,8 @@ def main() -> None:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.iters} iterations after {args.warmup} warm-up\n")
+    kind = "full" if any(o == "model.kind=full" for o in args.overrides) else "foundation"
+    print(f"model: {kind}")
     print("| resolution | surfels | model+LBS | rasterise | losses | backward | Adam | **s / iteration** |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for res, n, s in rows:
