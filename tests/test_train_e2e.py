@@ -183,6 +183,8 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     before = quick_eval(build_model(cfg, setup), setup, seq, cfg, 2)["psnr"]
     after = json.loads((run / "progress.jsonl").read_text().splitlines()[-1])["psnr"]
     assert after > before + 1.0, (before, after)
+    for k, v in _model_state(run).items():
+        assert torch.isfinite(v).all(), f"non-finite parameter {k} after training"
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["num_frames"] == 2 and abs(m["psnr"] - after) < 0.5
     import imageio.v3 as iio
@@ -193,3 +195,39 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
 
     sem = modes[:, 4 * 96:].reshape(-1, 1, 3)  # every pixel is a class colour
     assert (sem == SAPIENS_PALETTE[None]).all(-1).any(-1).all()
+
+
+def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, data_root):
+    """Body-model priors are NaN ('no value') where the image mask reaches past the SMPL
+    silhouette (hair, clothes): every loss group and every gradient must stay finite there."""
+    from fmgs.priors import load_priors
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.coordinated import coordinated_backward
+    from fmgs.trainer.objectives import full_loss_groups
+    from fmgs.trainer.train import build_model, build_setup, open_sequence, pose_and_render
+
+    priors = tmp_path / "priors"
+    env = dict(os.environ, FMGS_DATA=str(data_root))
+    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.prep_cli", "priors", "--sequence", str(zju377),
+                        "--from-body-model", "--out", str(priors), "--frames", "0"],
+                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = load_config(None, [f"data.root={zju377}", "data.image_size=128", "model.kind=full",
+                             f"data.priors_dir={priors}", "data.train_range=[0,1]",
+                             f"data.smpl_path={data_root}/body_models/smpl/SMPL_NEUTRAL.pkl",
+                             f"data.parts_path={data_root}/body_models/smpl/smplh_parts_segm.pkl"])
+    seq = open_sequence(cfg, "train")
+    setup = build_setup(cfg, seq)
+    torch.manual_seed(0)
+    model = build_model(cfg, setup, num_frames=1)
+    prior = load_priors(cfg.data.root, seq.names, 128, priors, verbose=False)[0]
+    fr = seq[0]
+    no_value = (fr.mask > 0.5) & ~np.isfinite(prior["normal"]).all(-1)
+    assert no_value.sum() > 10  # the case under test really occurs
+    out, posed = pose_and_render(model, setup, fr, cfg, frame_id=0, training=True)
+    groups = full_loss_groups(cfg, out, posed, model, fr, prior, 0)
+    assert set(groups) == {"photometric", "depth", "normal", "semantic", "regularisers"}
+    assert all(torch.isfinite(v) for v in groups.values()), groups
+    coordinated_backward(posed.render_inputs(), groups, enabled=True)
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), n

@@ -512,10 +512,13 @@ class SkinningField(nn.Module):
         num_bones: 24.
         include_xyz: also feed the normalised position (3 extra inputs); off by default
             (the paper feeds only ``H(mu')``).
+        prior_init: zero-initialise the output layer, so that with ``prior_weights`` the
+            field starts exactly at the prior (see :meth:`forward`).
     """
 
     def __init__(self, bbox_min, bbox_max, padding: float = 0.1, grid_cfg: HashGridConfig | None = None,
-                 width: int = 128, n_hidden: int = 4, num_bones: int = NUM_BONES, include_xyz: bool = False):
+                 width: int = 128, n_hidden: int = 4, num_bones: int = NUM_BONES, include_xyz: bool = False,
+                 prior_init: bool = False):
         super().__init__()
         self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).clone())
         self.register_buffer("bbox_max", torch.as_tensor(bbox_max, dtype=torch.float32).clone())
@@ -524,6 +527,10 @@ class SkinningField(nn.Module):
         self.grid = HashGrid(grid_cfg or DEFAULT_SKINNING_GRID)
         self.mlp = _mlp(self.grid.output_dim + (3 if include_xyz else 0), width, n_hidden, num_bones)
         self.num_bones = num_bones
+        if prior_init:
+            last = [m for m in self.mlp if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def logits(self, points: torch.Tensor) -> torch.Tensor:
         """``(S, 3)`` canonical points (metres) -> ``(S, 24)`` skinning logits."""
@@ -533,10 +540,21 @@ class SkinningField(nn.Module):
             h = torch.cat([h, x.clamp(0.0, 1.0).to(h.dtype)], dim=-1)
         return self.mlp(h)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
+    def forward(self, points: torch.Tensor, prior_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 9: ``(S, 3)`` corrected canonical centres ``mu'`` (metres) -> ``(S, 24)``
-        skinning weights (non-negative, rows sum to 1)."""
-        return torch.softmax(self.logits(points), dim=-1)
+        skinning weights (non-negative, rows sum to 1).
+
+        With ``prior_weights`` ``(S, 24)`` (the SMPL weights carried to the points) the
+        logits are offset by ``log(prior)``: ``W = softmax(F(H(mu')) + log w_SMPL)``, so
+        a zero output layer (``prior_init``) starts exactly at SMPL's skinning and the MLP
+        learns a correction. (Eq. 9 as printed starts from a random field; 3DGS-Avatar
+        pulls it to SMPL with the early weight-10 regulariser, which costs the first
+        ~1k iterations a badly skinned body.)
+        """
+        logits = self.logits(points)
+        if prior_weights is not None:
+            logits = logits + torch.log(prior_weights.to(logits.dtype).clamp_min(1e-8))
+        return torch.softmax(logits, dim=-1)
 
 
 def sample_mesh_surface(vertices: torch.Tensor, faces: torch.Tensor, vertex_weights: torch.Tensor,
@@ -573,7 +591,7 @@ def sample_mesh_surface(vertices: torch.Tensor, faces: torch.Tensor, vertex_weig
 
 
 def skinning_regulariser(field: SkinningField, surface_points: torch.Tensor,
-                         smpl_weights: torch.Tensor) -> torch.Tensor:
+                         smpl_weights: torch.Tensor, prior: bool = False) -> torch.Tensor:
     """Skinning regulariser ``L_skin`` (eq. 21, as 3DGS-Avatar): pull the predicted
     weights towards SMPL's at points on the canonical body surface.
 
@@ -591,7 +609,7 @@ def skinning_regulariser(field: SkinningField, surface_points: torch.Tensor,
     Returns:
         Scalar tensor.
     """
-    pred = field(surface_points)
+    pred = field(surface_points, prior_weights=smpl_weights if prior else None)
     return F.mse_loss(pred, smpl_weights.to(pred.dtype))
 
 

@@ -102,6 +102,9 @@ class FullModelConfig:
         init_opacity: initial surfel opacity (0.9, as the foundation).
         use_geometry_field: eq. 3-6 on (off: ``mu' = mu``, ``R' = R``, ``s' = s``, ``z_g = 0``).
         use_skinning_field: eq. 9 on (off: SMPL weights carried to the surfels).
+        skinning_prior: offset the skinning field's logits by ``log`` of the surfels' SMPL
+            weights and zero-initialise its output layer, so skinning starts at SMPL's
+            (:meth:`SkinningField.forward`); False = eq. 9 from a random field.
         use_semantic_field: eq. 8 on (off: ``semantic_logits`` is None).
         use_pose_correction: hold a :class:`PoseCorrection` over ``num_frames`` frames.
         num_frames: number of training frames (for the pose correction).
@@ -129,6 +132,7 @@ class FullModelConfig:
     init_opacity: float = 0.9
     use_geometry_field: bool = True
     use_skinning_field: bool = True
+    skinning_prior: bool = True
     use_semantic_field: bool = True
     use_pose_correction: bool = True
     num_frames: int = 1
@@ -301,7 +305,8 @@ class FMGSAvatar(nn.Module):
                                                 cfg.appearance_width, cfg.appearance_hidden)
         self.semantic_field = (SemanticField(fdim, cfg.num_classes, cfg.semantic_width, cfg.semantic_hidden)
                                if cfg.use_semantic_field else None)
-        self.skinning_field = (SkinningField(bmin, bmax, padding=cfg.skinning_padding, grid_cfg=cfg.skinning_grid)
+        self.skinning_field = (SkinningField(bmin, bmax, padding=cfg.skinning_padding, grid_cfg=cfg.skinning_grid,
+                                             prior_init=cfg.skinning_prior)
                                if cfg.use_skinning_field else None)
         self.pose_correction = PoseCorrection(int(cfg.num_frames)) if cfg.use_pose_correction else None
         self.opacity_logit = nn.Parameter(torch.full((n,), _inverse_sigmoid(cfg.init_opacity), dtype=f32))
@@ -405,7 +410,8 @@ class FMGSAvatar(nn.Module):
             z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
 
         if self.skinning_field is not None:                                                # eq. 9
-            W = self.skinning_field(mu_c.detach() if cfg.detach_skinning_query else mu_c)
+            W = self.skinning_field(mu_c.detach() if cfg.detach_skinning_query else mu_c,
+                                    prior_weights=self.skin_weights if cfg.skinning_prior else None)
         else:
             W = self.skin_weights
         lbs = blend_lbs(W, bone_transforms.to(dt), mu_c, R_c)                              # eq. 10-12

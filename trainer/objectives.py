@@ -66,15 +66,21 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
         normal_terms.append(float(L.lambda_normal_consistency) * normal_consistency_loss(
             torch.nn.functional.normalize(out.normal, dim=-1), n_hat, inside.to(out.depth.dtype)))
     if prior.get("normal") is not None and L.lambda_normal_prior > 0:
+        # NaN marks "no value" in the format (e.g. outside a body-model prior's silhouette):
+        # only pixels inside the mask with a finite prior count, and NaN never enters the graph.
+        pn = torch.from_numpy(prior["normal"])
+        ok = inside & torch.isfinite(pn).all(-1)
         normal_terms.append(float(L.lambda_normal_prior) * normal_prior_loss(
-            out.normal, torch.from_numpy(prior["normal"]), inside))
+            out.normal, torch.nan_to_num(pn, nan=0.0), ok))
     if L.lambda_normal_tv > 0:
         normal_terms.append(float(L.lambda_normal_tv) * normal_tv_loss(out.normal, inside))
     if normal_terms:
         groups["normal"] = sum(normal_terms)
     if prior.get("parts") is not None and out.extras is not None and L.lambda_semantic > 0:
-        groups["semantic"] = float(L.lambda_semantic) * semantic_ce_loss(
-            out.extras, torch.from_numpy(prior["parts"]), inside)
+        # Pixels the prior itself calls person (its mask, else parts > 0) and the image mask agrees.
+        parts = torch.from_numpy(prior["parts"])
+        prior_fg = torch.from_numpy(prior["mask"]) > 0.5 if prior.get("mask") is not None else parts > 0
+        groups["semantic"] = float(L.lambda_semantic) * semantic_ce_loss(out.extras, parts, inside & prior_fg)
 
     reg = []
     if posed.semantic_logits is not None and L.lambda_semantic_reg > 0:
@@ -86,7 +92,7 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
                                      float(L.lambda_skinning_final))
         pts, wts = sample_mesh_surface(model.mesh_verts, model.mesh_faces, model.mesh_skin_weights,
                                        int(L.skinning_samples), generator=generator)
-        reg.append(w * skinning_regulariser(model.skinning_field, pts, wts))
+        reg.append(w * skinning_regulariser(model.skinning_field, pts, wts, prior=model.cfg.skinning_prior))
     if L.lambda_isometry > 0:
         reg.append(float(L.lambda_isometry) * isometry_loss(posed.canonical_centers, posed.means,
                                                             model.neighbour_pairs))
