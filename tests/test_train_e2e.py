@@ -32,6 +32,16 @@ def _cli(args, data_root, timeout=600, **kw):
                           text=True, env=env, timeout=timeout, cwd=REPO_ROOT, **kw)
 
 
+def _body_model_priors(out: Path, seq_root: Path, data_root: Path, frames: str) -> Path:
+    """Write body-model priors of ``frames`` with the real ``fmgs-prep priors`` CLI."""
+    env = dict(os.environ, FMGS_DATA=str(data_root))
+    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.prep_cli", "priors", "--sequence", str(seq_root),
+                        "--from-body-model", "--out", str(out), "--frames", frames],
+                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
 def _model_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
@@ -156,12 +166,7 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     through coordinated training, and the avatar improves on held-out frames."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    priors = tmp_path / "priors"
-    env = dict(os.environ, FMGS_DATA=str(data_root))
-    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.prep_cli", "priors", "--sequence", str(zju377),
-                        "--from-body-model", "--out", str(priors), "--frames", "0:12:3,455:470:5"],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0:12:3,455:470:5")
     run = tmp_path / "full"
     r = _cli(["--out", str(run), *TINY, "model.kind=full", f"data.priors_dir={priors}", "train.iterations=20",
               "train.eval_every=20", "train.eval_frames=2", "eval.max_frames=2"], data_root)
@@ -206,12 +211,7 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     from fmgs.trainer.objectives import full_loss_groups
     from fmgs.trainer.train import build_model, build_setup, open_sequence, pose_and_render
 
-    priors = tmp_path / "priors"
-    env = dict(os.environ, FMGS_DATA=str(data_root))
-    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.prep_cli", "priors", "--sequence", str(zju377),
-                        "--from-body-model", "--out", str(priors), "--frames", "0"],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0")
     cfg = load_config(None, [f"data.root={zju377}", "data.image_size=128", "model.kind=full",
                              f"data.priors_dir={priors}", "data.train_range=[0,1]",
                              f"data.smpl_path={data_root}/body_models/smpl/SMPL_NEUTRAL.pkl",
