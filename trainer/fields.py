@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
-from fmgs.trainer.model import sh_basis
 
 __all__ = [
     "SMPL_PARENTS",
@@ -85,6 +84,47 @@ NUM_SEMANTIC_CLASSES = 28
 from fmgs.priors import (  # noqa: E402
     SAPIENS_CLASSES, SAPIENS_PALETTE, SAPIENS_PALETTE_PATH, colorize_labels, load_sapiens_palette,
 )
+
+
+# Real spherical-harmonics constants (degree <= 3), as in 3DGS / Sloan's "Stupid SH tricks".
+_C0 = 0.28209479177387814
+_C1 = 0.4886025119029199
+_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
+       -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
+
+
+def sh_basis(dirs: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """Real SH basis of unit directions.
+
+    Args:
+        dirs: (N, 3) unit vectors, any float dtype.
+        degree: 0..3.
+
+    Returns:
+        (N, (degree+1)^2) basis values, same dtype (3DGS ordering and signs).
+    """
+    if not 0 <= degree <= 3:
+        raise ValueError(f"SH degree must be 0..3, got {degree}")
+    x, y, z = dirs.unbind(-1)
+    out = [torch.full_like(x, _C0)]
+    if degree >= 1:
+        out += [-_C1 * y, _C1 * z, -_C1 * x]
+    if degree >= 2:
+        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+        out += [_C2[0] * xy, _C2[1] * yz, _C2[2] * (2 * zz - xx - yy), _C2[3] * xz, _C2[4] * (xx - yy)]
+    if degree >= 3:
+        out += [
+            _C3[0] * y * (3 * xx - yy),
+            _C3[1] * xy * z,
+            _C3[2] * y * (4 * zz - xx - yy),
+            _C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
+            _C3[4] * x * (4 * zz - xx - yy),
+            _C3[5] * z * (xx - yy),
+            _C3[6] * x * (xx - 3 * yy),
+        ]
+    return torch.stack(out, -1)
+
 
 
 # =========================================================================== rotations
@@ -691,8 +731,8 @@ def blend_lbs(weights: torch.Tensor, bone_transforms: torch.Tensor, centers: tor
     * eq. 12: ``R_o = T_{1:3,1:3} R'``, then re-orthonormalised because a blend of
       rotations is not a rotation: ``t_u <- M t_u``, ``t_v <- M t_v``,
       ``n = normalize(t_u x t_v)``, ``t_u = normalize(t_u)``, ``t_v = n x t_u``
-      (the surfel keeps the blended plane; the same computation as
-      ``SurfelAvatar.forward``).
+      (the surfel keeps the blended plane). Shared by the foundation
+      ``SurfelAvatar.forward`` and :class:`fmgs.trainer.full_model.FMGSAvatar`.
 
     Args:
         weights: ``(S, 24)`` skinning weights (e.g. :class:`SkinningField` output).

@@ -33,47 +33,8 @@ from torch import nn
 
 from fmgs.body_model import SMPLModel, axis_angle_to_matrix, forward_kinematics
 from fmgs.surfels import CanonicalSurfels
+from fmgs.trainer.fields import blend_lbs, sh_basis
 from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
-
-# Real spherical-harmonics constants (degree <= 3), as in 3DGS / Sloan's "Stupid SH tricks".
-_C0 = 0.28209479177387814
-_C1 = 0.4886025119029199
-_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-       -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
-
-
-def sh_basis(dirs: torch.Tensor, degree: int = 3) -> torch.Tensor:
-    """Real SH basis of unit directions.
-
-    Args:
-        dirs: (N, 3) unit vectors, any float dtype.
-        degree: 0..3.
-
-    Returns:
-        (N, (degree+1)^2) basis values, same dtype (3DGS ordering and signs).
-    """
-    if not 0 <= degree <= 3:
-        raise ValueError(f"SH degree must be 0..3, got {degree}")
-    x, y, z = dirs.unbind(-1)
-    out = [torch.full_like(x, _C0)]
-    if degree >= 1:
-        out += [-_C1 * y, _C1 * z, -_C1 * x]
-    if degree >= 2:
-        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        out += [_C2[0] * xy, _C2[1] * yz, _C2[2] * (2 * zz - xx - yy), _C2[3] * xz, _C2[4] * (xx - yy)]
-    if degree >= 3:
-        out += [
-            _C3[0] * y * (3 * xx - yy),
-            _C3[1] * xy * z,
-            _C3[2] * y * (4 * zz - xx - yy),
-            _C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
-            _C3[4] * x * (4 * zz - xx - yy),
-            _C3[5] * z * (xx - yy),
-            _C3[6] * x * (xx - 3 * yy),
-        ]
-    return torch.stack(out, -1)
-
 
 def frame_bone_transforms(
     smpl: SMPLModel,
@@ -209,15 +170,8 @@ class SurfelAvatar(nn.Module):
         frames = self.frames
         normal_c = frames[:, :, 2]
         mu = self.centers + normal_c * self.displacement[:, None]                      # eq. 4 (static)
-        T = torch.einsum("sb,bij->sij", self.skin_weights, bone_transforms)          # eq. 10
-        M = T[:, :3, :3]
-        means = torch.einsum("sij,sj->si", M, mu) + T[:, :3, 3]                       # eq. 11
-        tu = torch.einsum("sij,sj->si", M, frames[:, :, 0])                           # eq. 12
-        tv = torch.einsum("sij,sj->si", M, frames[:, :, 1])
-        n = torch.nn.functional.normalize(torch.cross(tu, tv, dim=-1), dim=-1)
-        tu = torch.nn.functional.normalize(tu, dim=-1)
-        tv = torch.cross(n, tu, dim=-1)
-        rotations = torch.stack([tu, tv, n], dim=-1)
+        posed = blend_lbs(self.skin_weights, bone_transforms, mu, frames)              # eq. 10-12
+        means, rotations, M = posed.means, posed.rotations, posed.transforms[:, :3, :3]
 
         feats = self.canonical_features()
         if self.view_dependent:
