@@ -241,6 +241,16 @@ def validate_mask(mask, hw=None, path=None) -> np.ndarray:
     return m
 
 
+def _float_map(arr: np.ndarray, what: str, path) -> np.ndarray:
+    """``arr`` as float32; FmgsInputError for a non-float dtype or +-inf (NaN = no value)."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise FmgsInputError(f"{what} must be float32, got {arr.dtype}", path)
+    arr = arr.astype(np.float32, copy=False)
+    if np.isinf(arr).any():
+        raise FmgsInputError(f"{what} contains +-inf (use NaN for 'no value')", path)
+    return arr
+
+
 def validate_depth(depth, hw=None, path=None) -> np.ndarray:
     """Check a depth map and return it as (H, W) float32 (NaN = no value).
 
@@ -251,11 +261,7 @@ def validate_depth(depth, hw=None, path=None) -> np.ndarray:
     d = np.asarray(depth)
     if d.ndim != 2:
         raise FmgsInputError(f"depth must be a (H, W) array, got shape {d.shape}", path)
-    if not np.issubdtype(d.dtype, np.floating):
-        raise FmgsInputError(f"depth must be float32, got {d.dtype}", path)
-    d = d.astype(np.float32, copy=False)
-    if np.isinf(d).any():
-        raise FmgsInputError("depth contains +-inf (use NaN for 'no value')", path)
+    d = _float_map(d, "depth", path)
     if not np.isfinite(d).any():
         raise FmgsInputError("depth has no finite value", path)
     _check_hw(d, "depth", hw, path)
@@ -279,11 +285,7 @@ def validate_normal(normal, hw=None, path=None, mask=None) -> np.ndarray:
     n = np.asarray(normal)
     if n.ndim != 3 or n.shape[2] != 3:
         raise FmgsInputError(f"normal map must be (H, W, 3), got shape {n.shape}", path)
-    if not np.issubdtype(n.dtype, np.floating):
-        raise FmgsInputError(f"normal map must be float32, got {n.dtype}", path)
-    n = n.astype(np.float32, copy=False)
-    if np.isinf(n).any():
-        raise FmgsInputError("normal map contains +-inf (use NaN for 'no value')", path)
+    n = _float_map(n, "normal map", path)
     valid = np.isfinite(n).all(2)
     norm = np.linalg.norm(np.where(valid[..., None], n, 0.0), axis=2)
     valid &= norm > 0
