@@ -17,7 +17,7 @@ from fmgs.errors import FmgsInputError
 from fmgs.priors import (MODALITIES, SAPIENS_CLASSES, SMPL_JOINT_TO_SAPIENS, PriorSet,
                          load_priors, make_meta, rasterize_mesh, smpl_face_joint_ids,
                          smpl_face_sapiens_labels)
-from fmgs.sapiens import NORMAL_CONVENTIONS, SapiensConverter
+from fmgs.sapiens import NORMAL_CONVENTIONS
 from fmgs.trainer.prep_cli import parse_frames, prep_main
 
 # ----------------------------------------------------------------------------- helpers

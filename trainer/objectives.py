@@ -21,7 +21,6 @@ are set to the same order as the normal terms (documented there).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fmgs.trainer.fields import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule

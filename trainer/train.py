@@ -10,7 +10,6 @@ run is interrupted (Ctrl-C), after which ``fmgs-train --resume RUN_DIR`` continu
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fmgs.body_model import SMPLModel, load_smpl, star_pose
 from fmgs.errors import FmgsInputError
