@@ -290,6 +290,26 @@ def test_gradcheck_all_inputs(small):
     assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("used", [("normal", "depth"), ("extras",), ("rgb", "extras")])
+def test_gradcheck_subsets_of_outputs(used):
+    """Losses that read only some feature chunks (the backward skips the others' columns,
+    as the coordinated depth / normal / semantic groups do): finite differences of the
+    used outputs alone, float64."""
+    (means, quats, scales, opac, colors, extras), K, V, W, H = _gradcheck_scene(False)
+    mw, _ = to_world(means, torch.eye(3, dtype=DT).expand(len(means), 3, 3), V)
+    Rc = V[:3, :3]
+    g = torch.Generator().manual_seed(1)
+    proj = {"rgb": torch.randn(3, generator=g, dtype=DT), "normal": torch.randn(3, generator=g, dtype=DT),
+            "extras": torch.randn(extras.shape[1], generator=g, dtype=DT)}
+
+    def render(m, q, s, o, c, e):
+        out = rasterize_surfels(m, Rc.T @ quat_to_matrix(q), s, o, c, K, V, W, H, extras=e, backend="cpu")
+        return tuple(out.depth if k == "depth" else getattr(out, k) @ proj[k] for k in used)
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (mw, quats, scales, opac, colors, extras))
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
 def test_gradients_flow_to_all_inputs_float32():
     W, H = 32, 24
     means, quats, scales, opac, colors, extras = (t.float() for t in random_scene(30, seed=2))

@@ -242,9 +242,15 @@ class _CompositeFn(torch.autograd.Function):
     """Fragment evaluation + front-to-back compositing with an analytic backward.
 
     forward(P (14, Nv), feats (Nv, C), sid (F0,) int64, pix (F0,) int64, n_pix, width,
-            max_fragments)
-      -> feat (n_pix, C) = sum_i w_i f_i, alpha (n_pix,) = sum_i w_i,
+            max_fragments, splits)
+      -> feat chunks (n_pix, C_k) for the column widths ``splits`` (sum = C) of
+         sum_i w_i f_i, then alpha (n_pix,) = sum_i w_i,
          depth_acc (n_pix,) = sum_i w_i z_i, median (n_pix,).
+
+    The feature channels come back as separate outputs (e.g. colour / normal / extras)
+    so that a loss that reads only some of them gives None gradients for the others:
+    the backward then skips those columns instead of autograd materialising a dense
+    zero gradient for the whole feature image per slice.
 
     Surfel slots must be numbered in front-to-back (centre depth) order and the box
     fragments (sid, pix) listed slot-major with increasing pixel ids per slot (as
@@ -262,7 +268,7 @@ class _CompositeFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, P, feats, sid, pix, n_pix, width, max_fragments):
+    def forward(ctx, P, feats, sid, pix, n_pix, width, max_fragments, splits):
         dt = P.dtype
         dev = P.device
         Nv = P.shape[1]
@@ -334,10 +340,14 @@ class _CompositeFn(torch.autograd.Function):
         ctx.save_for_backward(P, feats, sid, pix, idx, x, y, qu, qv, inv, rho, use3, G,
                               clamped, alpha, T, w, z, dx, dy, msel, crow)
         ctx.sizes = (n_pix, F0)
-        return out_feat, out_alpha, out_dacc, out_med
+        ctx.set_materialize_grads(False)   # unused outputs -> None gradients (skipped below)
+        ctx.splits = tuple(int(k) for k in splits)
+        chunks = tuple(c.contiguous() for c in torch.split(out_feat, ctx.splits, dim=1))
+        return (*chunks, out_alpha, out_dacc, out_med)
 
     @staticmethod
-    def backward(ctx, g_feat, g_alpha, g_dacc, g_med):
+    def backward(ctx, *grads):
+        g_chunks, (g_alpha, g_dacc, g_med) = grads[:-3], grads[-3:]
         (P, feats, sid, pix, idx, x, y, qu, qv, inv, rho, use3, G, clamped, alpha, T, w, z,
          dx, dy, msel, crow) = ctx.saved_tensors
         n_pix, F0 = ctx.sizes
@@ -346,10 +356,21 @@ class _CompositeFn(torch.autograd.Function):
         dev = P.device
         C = feats.shape[1]
         nf = sid.numel()
+        nones = (None,) * 6
         g_P = torch.zeros(_N_ROWS, Nv, dtype=dt, device=dev)
         g_feats = torch.zeros(Nv, C, dtype=dt, device=dev) if ctx.needs_input_grad[1] else None
         if nf == 0:
-            return g_P, g_feats, None, None, None, None, None
+            return (g_P, g_feats, *nones)
+        # only the feature columns whose chunk received a gradient take part
+        bounds = torch.tensor((0,) + ctx.splits).cumsum(0).tolist()
+        cols = [(bounds[k], bounds[k + 1], g) for k, g in enumerate(g_chunks) if g is not None]
+        g_feat = None
+        if cols:
+            g_feat = torch.cat([g for _, _, g in cols], 1)
+            feats_used, col_idx = feats, None
+            if len(cols) < len(g_chunks):
+                col_idx = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in cols])
+                feats_used = feats.index_select(1, col_idx)
         # c_i = dL/dw_i over all channels (features, alpha, depth_acc)
         c = torch.zeros(nf, dtype=dt, device=dev)
         g_z = torch.zeros(nf, dtype=dt, device=dev)
@@ -364,7 +385,7 @@ class _CompositeFn(torch.autograd.Function):
         if g_feat is not None and C:
             g_feat = g_feat.contiguous()
             pattern = _csr(crow, sid, torch.zeros_like(w), (n_pix, Nv))
-            c += torch.sparse.sampled_addmm(pattern, g_feat, feats.t(), beta=0.0).values()
+            c += torch.sparse.sampled_addmm(pattern, g_feat, feats_used.t().contiguous(), beta=0.0).values()
             if g_feats is not None:
                 # surfel-major order of the used fragments = their order in the box list
                 pos = torch.full((F0,), -1, dtype=torch.long, device=dev)
@@ -375,7 +396,10 @@ class _CompositeFn(torch.autograd.Function):
                 torch.cumsum(scnt, 0, out=srow[1:])
                 At = _csr(srow, pix.index_select(0, perm_s), w.index_select(0, perm_s),
                           (Nv, n_pix))
-                g_feats = (At @ g_feat).contiguous()
+                if col_idx is None:
+                    g_feats = (At @ g_feat).contiguous()
+                else:
+                    g_feats.index_copy_(1, col_idx, At @ g_feat)
         # dL/dalpha_k = T_k c_k - S_k / (1 - alpha_k),  S_k = sum_{i>k, same pixel} w_i c_i
         cs = torch.cumsum((w * c).double(), 0)
         tot = cs.index_select(0, (crow[1:] - 1).clamp_min(0))
@@ -401,7 +425,7 @@ class _CompositeFn(torch.autograd.Function):
         g_P[_ROW_MX].scatter_add_(0, sid, r2 * dx)
         g_P[_ROW_MY].scatter_add_(0, sid, r2 * dy)
         g_P[_ROW_ZC].scatter_add_(0, sid, g_z - z3)
-        return g_P, g_feats, None, None, None, None, None
+        return (g_P, g_feats, *nones)
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,15 +467,15 @@ def rasterize_cpu(means: Tensor, rotations: Tensor, scales: Tensor, opacities: T
     P = torch.cat([terms["M"].reshape(-1, 9), terms["b"][:, None], terms["mean2d"],
                    terms["zc"][:, None], opacities[:, None]], 1).index_select(0, order)
     P = P.t().contiguous()                                             # (14, Nv)
-    out_feat, out_alpha, out_dacc, out_med = _CompositeFn.apply(
-        P, feats, sid, pix, n_pix, width, max_fragments)
-    img = out_feat.reshape(height, width, -1)
+    splits = (3, 3) + ((E,) if E else ())
+    *chunks, out_alpha, out_dacc, out_med = _CompositeFn.apply(
+        P, feats, sid, pix, n_pix, width, max_fragments, splits)
     alpha = out_alpha.reshape(height, width)
     dacc = out_dacc.reshape(height, width)
-    rgb = img[..., 0:3]
+    rgb = chunks[0].reshape(height, width, 3)
     if background is not None:
         rgb = rgb + (1.0 - alpha)[..., None] * background.to(dt)
     return RenderOutput(
         rgb=rgb, alpha=alpha, depth=dacc / alpha.clamp_min(1e-6), depth_acc=dacc,
-        depth_median=out_med.reshape(height, width), normal=img[..., 3:6],
-        extras=img[..., 6:] if E else None)
+        depth_median=out_med.reshape(height, width), normal=chunks[1].reshape(height, width, 3),
+        extras=chunks[2].reshape(height, width, E) if E else None)
