@@ -166,6 +166,63 @@ def test_shared_lookup_fused_gather_equals_per_grid_encoding(real):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_canonical_skinning_query_subset_and_cache(real):
+    """Canonical skinning query (precomputed lookup) equals eq. 9 evaluated on the fly at
+    the canonical centres; in training only a random subset of rows is recomputed (with
+    gradient, written to the cache) and the others come from the cache (no gradient)."""
+    _, _, setup = real
+    torch.manual_seed(0)
+    m = FMGSAvatar(setup.surfels, FullModelConfig(use_pose_correction=False, skinning_subset=0.1))
+    sf = m.skinning_field
+    with torch.no_grad():   # a non-trivial field (the zero output layer would give the prior)
+        sf.grid.table.uniform_(-0.5, 0.5)
+        for q in sf.mlp.parameters():
+            q.normal_(0.0, 0.2)
+    ref = sf(m.centers, prior_weights=m.skin_weights)                    # on-the-fly encoding
+    full = m.skinning_weights(training=False)
+    torch.testing.assert_close(full, ref, atol=1e-6, rtol=1e-5)
+    assert not bool(m.skin_cache_valid)                                  # eval leaves the cache alone
+
+    m.skinning_weights(training=True)                                    # first training call: all rows
+    assert bool(m.skin_cache_valid)
+    torch.testing.assert_close(m.skin_cache, ref.detach(), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():   # change the field: fresh rows now differ from the cache
+        sf.mlp[-1].bias.add_(torch.linspace(-1, 1, 24))
+    new = sf(m.centers, prior_weights=m.skin_weights).detach()
+    old_cache = m.skin_cache.clone()
+    W = m.skinning_weights(training=True, generator=torch.Generator().manual_seed(3))
+    n = m.num_surfels
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(3))[: int(np.ceil(0.1 * n))]
+    fresh = torch.zeros(n, dtype=torch.bool)
+    fresh[rows] = True
+    assert float((new - old_cache).abs().amax(1)[fresh].median()) > 1e-3   # the change is visible
+    torch.testing.assert_close(W.detach()[fresh], new[fresh], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(W.detach()[~fresh], old_cache[~fresh], atol=0, rtol=0)
+    torch.testing.assert_close(m.skin_cache[fresh], new[fresh], atol=1e-6, rtol=1e-5)   # cache refreshed there
+    torch.testing.assert_close(m.skin_cache[~fresh], old_cache[~fresh], atol=0, rtol=0)
+    r = torch.randn(n, 24, generator=torch.Generator().manual_seed(4))
+    (g_W,) = torch.autograd.grad((W * r).sum(), [sf.mlp[-1].bias])
+    W_ref = sf(m.centers[rows], prior_weights=m.skin_weights[rows])
+    (g_ref,) = torch.autograd.grad((W_ref * r[rows]).sum(), [sf.mlp[-1].bias])
+    torch.testing.assert_close(g_W, g_ref, atol=1e-5, rtol=1e-4)          # gradient from the subset only
+
+
+def test_corrected_skinning_query_is_eq9_at_corrected_centres(real):
+    """``skinning_query='corrected'``: W = F_w(mu') at the corrected centres it is given."""
+    _, _, setup = real
+    torch.manual_seed(0)
+    m = FMGSAvatar(setup.surfels, FullModelConfig(use_pose_correction=False, skinning_query="corrected"))
+    with torch.no_grad():
+        m.skinning_field.grid.table.uniform_(-0.5, 0.5)
+        m.skinning_field.mlp[-1].weight.normal_(0.0, 0.2)
+    mu = m.centers + 0.01 * m.frames[:, :, 2]
+    torch.testing.assert_close(m.skinning_weights(mu), m.skinning_field(mu, prior_weights=m.skin_weights))
+    with pytest.raises(ValueError, match="mu_c"):
+        m.skinning_weights(None)
+    with pytest.raises(ValueError, match="skinning_query"):
+        FMGSAvatar(setup.surfels, FullModelConfig(use_pose_correction=False, skinning_query="nearest"))
+
+
 # --------------------------------------------------------------------------- Sec. 4.5 proofs
 @pytest.fixture(scope="module")
 def crop_scene(real):

@@ -571,6 +571,18 @@ class SkinningField(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
+    def weights_from_features(self, h: torch.Tensor, prior_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 9 from already encoded points: ``(N, L*F)`` grid features ``H(x)`` (e.g.
+        through a precomputed lookup, ``self.grid(lookup=...)``) -> ``(N, 24)`` weights,
+        with the optional ``log(prior)`` offset of :meth:`forward`. Not for
+        ``include_xyz`` fields (they need the points)."""
+        if self.include_xyz:
+            raise ValueError("weights_from_features cannot be used with include_xyz=True")
+        logits = self.mlp(h)
+        if prior_weights is not None:
+            logits = logits + torch.log(prior_weights.to(logits.dtype).clamp_min(1e-8))
+        return torch.softmax(logits, dim=-1)
+
     def logits(self, points: torch.Tensor) -> torch.Tensor:
         """``(S, 3)`` canonical points (metres) -> ``(S, 24)`` skinning logits."""
         x = normalize_to_bbox(points, self.bbox_min.to(points.dtype), self.bbox_max.to(points.dtype), self.padding)

@@ -104,6 +104,9 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> tor
         return FMGSAvatar(setup.surfels, FullModelConfig(
             use_geometry_field=bool(f.geometry_field), use_skinning_field=bool(f.skinning_field),
             use_semantic_field=bool(f.semantic_field),
+            geometry_width=int(f.get("geometry_width", 64)),
+            skinning_query=str(f.get("skinning_query", "canonical")),
+            skinning_subset=float(f.get("skinning_subset", 0.25)),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
             init_opacity=float(cfg.surfels.init_opacity)))
     return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
