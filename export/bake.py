@@ -1,0 +1,235 @@
+"""Load a training run and bake its pose-independent parts into per-surfel constants.
+
+:func:`load_run` rebuilds the trained avatar exactly as ``fmgs-eval`` does (run config
+merged over the current defaults, ``build_setup`` / ``build_model``, strict checkpoint
+load). :func:`bake` evaluates everything that does not depend on the pose or the view at
+the fixed canonical centres (paper Sec. 4.1.2: the surfels never move in canonical space
+before the residual, so the hash-grid lookups are constants):
+
+* full model: ``f_g``, ``f_c`` (hash grids), ``F_s(f_s)`` semantic logits (eq. 8),
+  ``sigmoid(opacity)``, skinning weights ``W(mu)`` at the canonical centres (eq. 9; the
+  error of this choice against ``W(mu')`` is measured by :mod:`fmgs.export.checks`);
+* foundation model: the static normal displacement and scale deltas applied
+  (``mu + n d``, ``s exp(delta_s)``), ``f_c``, SMPL skinning weights, opacities.
+
+With ``fold=True`` (the default) the ``geometry_features`` / ``appearance_features`` channels
+hold the per-surfel part of the first layer of the MLP that consumes them, ``W_1[:, :F] f``
+(:func:`fmgs.export.modules.fold_first_layer`; ``(S, H)`` with ``H`` the hidden width), so the
+per-frame graphs skip that product (``docs/bundle.md``, "Folded first layers"); with
+``fold=False`` they hold the raw features ``f_g``, ``f_c``.
+
+Both also get a neutral ``colors`` channel: the colour seen head-on (``d_hat = -n``) in the
+canonical pose (bone transforms = identity; full model: pose code and geometry residual of
+the canonical pose), used by the ``.ply`` and as a fallback colour.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fmgs.body_model import axis_angle_to_matrix, world_from_body
+from fmgs.bundle import make_body_model
+from fmgs.errors import FmgsInputError
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, rebuilt.
+
+    Attributes:
+        run_dir: the run folder.
+        cfg: resolved run config (OmegaConf).
+        kind: ``"full"`` or ``"foundation"``.
+        iteration: completed training iterations of the checkpoint.
+        setup: :class:`fmgs.trainer.train.AvatarSetup` (SMPL, betas, surfels, ``G_c``).
+        model: the avatar in eval mode on the CPU, float32.
+        train_seq: the training split (:class:`fmgs.trainer.data.HumanNeRFSequence`; images
+            are not loaded).
+    """
+
+    run_dir: Path
+    cfg: Any
+    kind: str
+    iteration: int
+    setup: Any
+    model: torch.nn.Module
+    train_seq: Any
+
+
+@dataclass
+class Baked:
+    """Per-surfel constants plus the canonical-pose geometry for the ``.ply``.
+
+    Attributes:
+        surfels: channel name -> float32 array (``fmgs.bundle.CHANNELS``).
+        body_model: the manifest's ``body_model`` entry.
+        ply: ``centers (S,3)``, ``rotations (S,3,3)``, ``scales (S,2)``, ``opacities (S,)``,
+            ``colors (S,3)`` of the avatar in its canonical pose (full model: after the
+            geometry residual of that pose).
+        torch_inputs: tensors the exporters and checks reuse (raw features ``f_g``/``f_c``,
+            baked weights, ...).
+        folded: the feature channels hold folded first layers (module docstring).
+    """
+
+    surfels: dict[str, np.ndarray]
+    body_model: dict
+    ply: dict[str, np.ndarray]
+    torch_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    folded: bool = False
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
+    """Rebuild a trained avatar from ``RUN_DIR`` (``config.yaml`` + ``checkpoints/last.pt``).
+
+    Args:
+        run_dir: a folder written by ``fmgs-train``.
+        overrides: OmegaConf dot-list entries applied over the run's config (e.g.
+            ``model.full.geometry_width=128`` for a run trained before that key existed).
+
+    Raises:
+        FmgsInputError: not a run folder, unreadable checkpoint, data missing, or a
+            checkpoint that does not fit the model its config describes (names the file).
+    """
+    from fmgs.trainer.checkpoint import checkpoint_path, load_checkpoint
+    from fmgs.trainer.evaluate import load_run_config
+    from fmgs.trainer.train import build_model, build_setup, is_full, open_sequence
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except Exception as exc:
+            raise FmgsInputError(f"bad --set override {list(overrides)}: {exc}") from exc
+    state = load_checkpoint(run_dir)
+    seq = open_sequence(cfg, "train")
+    setup = build_setup(cfg, seq)
+    delta = state["model"].get("pose_correction.delta")
+    model = build_model(cfg, setup, num_frames=0 if delta is None else int(delta.shape[0]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:4])
+        raise FmgsInputError(
+            "checkpoint does not fit the model its config.yaml describes (the run was trained with other "
+            f"settings; pass them with --set KEY=VALUE): {detail}", checkpoint_path(run_dir)) from exc
+    model.eval()
+    return LoadedRun(run_dir, cfg, "full" if is_full(cfg) else "foundation", int(state["iteration"]),
+                     setup, model, seq)
+
+
+def training_poses(run: LoadedRun, count: int) -> list[dict]:
+    """``count`` evenly spaced frames of the training split (``count <= 0``: all of them).
+
+    Returns:
+        list of dicts: ``frame_id`` (index into the training split, selects the learnt pose
+        correction), ``name``, ``poses (72,)`` axis-angle radians, ``world_from_body (4,4)``
+        float64, ``camera_center (3,)`` world metres.
+    """
+    seq = run.train_seq
+    n = len(seq)
+    idx = range(n) if count <= 0 or count >= n else np.unique(np.linspace(0, n - 1, count).round().astype(int))
+    out = []
+    for i in idx:
+        name = seq.names[int(i)]
+        info = seq._info[name]  # metadata only: indexing the sequence would decode every image
+        out.append({"frame_id": int(i), "name": name, "poses": np.asarray(info["poses"], np.float64),
+                    "world_from_body": np.asarray(world_from_body(info["Rh"], info["Th"]), np.float64),
+                    "camera_center": np.asarray(seq.camera(name).center, np.float64)})
+    return out
+
+
+def body_model_entry(run: LoadedRun) -> dict:
+    """The manifest's ``body_model`` for this run (SMPL tree, rest and canonical joints, ``G_c``)."""
+    s = run.setup.surfels
+    return make_body_model(np.asarray(run.setup.smpl.parents), run.setup.rest_joints, s.joints,
+                           run.setup.canonical_G, run.setup.betas, canonical_pose=s.canonical_pose)
+
+
+def canonical_rot_mats(run: LoadedRun) -> torch.Tensor:
+    """``(24, 3, 3)`` float32 local joint rotations of the canonical (star) pose."""
+    rot = axis_angle_to_matrix(np.asarray(run.setup.surfels.canonical_pose, np.float64).reshape(24, 3))
+    return torch.as_tensor(rot, dtype=torch.float32)
+
+
+@torch.no_grad()
+def bake(run: LoadedRun, fold: bool = True) -> Baked:
+    """Evaluate the pose-independent constants of ``run.model`` (see module docstring).
+
+    Args:
+        run: the loaded run.
+        fold: store folded first layers in the feature channels (module docstring).
+    """
+    return _bake_full(run, fold) if run.kind == "full" else _bake_foundation(run, fold)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
+
+
+def _bake_full(run: LoadedRun, fold: bool) -> Baked:
+    from fmgs.export.modules import fold_first_layer, geometry_foldable
+    from fmgs.trainer.fields import normalize_canonical_joints
+
+    m = run.model
+    feats = m.canonical_features()
+    f_g, f_c = feats[0], feats[1]
+    f_s = feats[2] if m.semantic_field is not None else None
+    W = m.skinning_weights(m.centers, training=False)                       # eq. 9 at mu (canonical)
+    opac = torch.sigmoid(m.opacity_logit)
+    J_hat = normalize_canonical_joints(torch.as_tensor(np.asarray(run.setup.surfels.joints), dtype=torch.float32))
+
+    # Neutral colour: canonical pose (B = I), head-on view d_hat = -n'.
+    z_p = m.pose_encoder(canonical_rot_mats(run), J_hat)
+    from fmgs.export.modules import GeometryModule
+
+    mu_c, R_c, s_c, z_g = GeometryModule(m.geometry_field, m.cfg.geometry_latent_dim)(f_g, z_p, m.centers, m.frames,
+                                                                                      m.scales0)
+    d_hat = -R_c[:, :, 2] if m.appearance_field.sh_degree >= 0 else None
+    colors = m.appearance_field(f_c, z_g, z_p, d_hat)
+    surfels = {"centers": _np(m.centers), "rotations": _np(m.frames), "scales": _np(m.scales0),
+               "opacities": _np(opac), "skin_weights": _np(W), "colors": _np(colors),
+               "geometry_features": _np(f_g), "appearance_features": _np(f_c)}
+    if fold:
+        if geometry_foldable(m.geometry_field):
+            surfels["geometry_features"] = _np(fold_first_layer(f_g, m.geometry_field.mlp[0],
+                                                                slice(0, int(f_g.shape[1]))))
+        surfels["appearance_features"] = _np(fold_first_layer(f_c, m.appearance_field.mlp[0],
+                                                              slice(0, int(f_c.shape[1]))))
+    if f_s is not None:
+        surfels["semantic_logits"] = _np(m.semantic_field(f_s))
+    ply = {"centers": _np(mu_c), "rotations": _np(R_c), "scales": _np(s_c), "opacities": _np(opac),
+           "colors": _np(colors)}
+    return Baked(surfels, body_model_entry(run), ply,
+                 {"f_g": f_g, "f_c": f_c, "W": W, "J_hat": J_hat, "z_p_canonical": z_p},
+                 folded=bool(fold))
+
+
+def _bake_foundation(run: LoadedRun, fold: bool) -> Baked:
+    from fmgs.export.modules import fold_first_layer
+    from fmgs.trainer.fields import sh_basis
+
+    m = run.model
+    n = m.frames[:, :, 2]
+    mu = m.centers + n * m.displacement[:, None]                                # static eq. 4
+    scales = torch.exp(m.log_scales0 + m.log_scale_delta)                      # static eq. 5
+    opac = torch.sigmoid(m.opacity_logit)
+    f_c = m.canonical_features()
+    x = f_c
+    if m.view_dependent:
+        x = torch.cat([f_c, sh_basis(-n, m.sh_degree)], dim=-1)
+    colors = torch.sigmoid(m.color_mlp(x))
+    surfels = {"centers": _np(mu), "rotations": _np(m.frames), "scales": _np(scales), "opacities": _np(opac),
+               "skin_weights": _np(m.skin_weights), "colors": _np(colors), "appearance_features": _np(f_c)}
+    if fold:
+        surfels["appearance_features"] = _np(fold_first_layer(f_c, m.color_mlp[0], slice(0, int(f_c.shape[1]))))
+    ply = {"centers": surfels["centers"], "rotations": surfels["rotations"], "scales": surfels["scales"],
+           "opacities": surfels["opacities"], "colors": surfels["colors"]}
+    return Baked(surfels, body_model_entry(run), ply, {"f_c": f_c, "W": m.skin_weights, "mu": mu},
+                 folded=bool(fold))

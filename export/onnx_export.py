@@ -1,0 +1,190 @@
+"""ONNX export of the pose/view-dependent models (dynamo exporter, opset 18, dynamic ``S``).
+
+:func:`export_models` writes ``pose_encoder.onnx``, ``geometry.onnx``, ``color.onnx`` and
+optionally ``skinning.onnx`` (full model), or ``color.onnx`` alone (foundation model),
+and returns their manifest ``models`` entries (input/output names, shapes with ``"S"``
+for the dynamic surfel axis, dtypes, meanings). Models are traced with
+``torch.onnx.export(..., dynamo=True)`` (the legacy exporter cannot export the hash
+encoding's ``bitwise_xor``; see the field notes) on a small real slice of the surfels,
+with ``S`` declared dynamic, and saved as single files (no external data).
+
+Folded first layers (default, ``Baked.folded``): the graphs take ``W_1[:, :F] f`` (baked by
+:func:`fmgs.export.modules.fold_first_layer`) under the same input names and add the per-frame
+terms themselves, so the runtime feeds them exactly as before; each entry records
+``folded_first_layer``. The graphs are also written for ONNX Runtime's CPU kernels (no
+batched 3x3 MatMuls, no ``Expand``; see :mod:`fmgs.export.modules`).
+
+``--fp16`` (:func:`convert_fp16`): onnxruntime's ``float16`` converter rewrites the
+weights and arithmetic to float16 and keeps float32 inputs/outputs (``keep_io_types``),
+giving ``<name>.fp16.onnx`` beside the fp32 reference model. On the CPU ONNX Runtime runs
+most float16 kernels by casting back to float32 (no speed-up; see docs/benchmarks.md);
+fp16 is meant for GPUs (TensorRT builds its fp16 engines from the fp32 ONNX itself).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from fmgs.export.modules import (
+    ColorModule,
+    FoundationColorModule,
+    GeometryModule,
+    PoseEncoderModule,
+    SkinningModule,
+    geometry_foldable,
+)
+
+OPSET = 18
+_EXAMPLE_ROWS = 64
+
+
+def _io(name: str, shape: list, meaning: str, dtype: str = "float32") -> dict:
+    return {"name": name, "shape": shape, "dtype": dtype, "meaning": meaning}
+
+
+def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out: list[str],
+            dynamic_inputs: set[str], path: Path) -> None:
+    """Export ``module(*args)`` to ``path`` with axis 0 of ``dynamic_inputs`` dynamic ('S')."""
+    S = torch.export.Dim("S", min=2, max=1 << 24)
+    # positional (the forward's argument names need not equal the ONNX input names)
+    dyn = tuple({0: S} if n in dynamic_inputs else None for n in names_in)
+    module.eval()
+    buf = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=names_in,
+                                 output_names=names_out, dynamic_shapes=dyn, external_data=False,
+                                 optimize=True, verbose=False)
+    prog.save(str(path), external_data=False)
+
+
+@torch.no_grad()
+def export_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
+    """Export the run's models into ``out_dir``.
+
+    Args:
+        run: :class:`fmgs.export.bake.LoadedRun`.
+        baked: :class:`fmgs.export.bake.Baked` of the same run.
+        out_dir: staging folder.
+        skinning: also export the live skinning field (full model with the field on).
+
+    Returns:
+        ``{name: manifest entry}`` with ``file``, ``inputs``, ``outputs``, ``opset``,
+        ``optional`` and model-specific notes.
+    """
+    out_dir = Path(out_dir)
+    m = run.model
+    k = _EXAMPLE_ROWS
+    entries: dict[str, dict] = {}
+    fold = bool(baked.folded)
+    if run.kind == "foundation":
+        f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
+        Fc = int(f_c.shape[1])
+        Fraw = int(baked.torch_inputs["f_c"].shape[1])
+        mod = FoundationColorModule(m.color_mlp, m.sh_degree if m.view_dependent else -1, Fraw, folded=fold)
+        view = m.view_dependent
+        args = (f_c, torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)) if view else (f_c,)
+        ins = ["appearance_features", "view_dirs"] if view else ["appearance_features"]
+        _export(mod, args, ins, ["colors"], set(ins), out_dir / "color.onnx")
+        inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
+                      + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)"))]
+        if view:
+            inputs.append(_io("view_dirs", ["S", 3], "normalize(T[:3,:3]^T d), d = normalize(mu_o - camera_centre)"))
+        entries["color"] = {
+            "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
+            "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
+            "view_dir_canonicalization": "transpose" if view else None, "folded_first_layer": fold,
+            "equation": "foundation colour: sigmoid(MLP([f_c, SH_3(d_hat)])) (eq. 7 without z_g, Z_p)",
+        }
+        return entries
+
+    f_g = torch.as_tensor(baked.surfels["geometry_features"][:k]).contiguous()
+    f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
+    Fg, Fc = int(f_g.shape[1]), int(f_c.shape[1])
+    fold_g = fold and geometry_foldable(m.geometry_field)
+    P = int(m.cfg.pose_dim)
+    L = int(m.cfg.geometry_latent_dim)
+    pe = PoseEncoderModule(m.pose_encoder, baked.torch_inputs["J_hat"])
+    _export(pe, (torch.eye(3).expand(24, 3, 3).contiguous(),), ["rot_mats"], ["pose_code"], set(),
+            out_dir / "pose_encoder.onnx")
+    entries["pose_encoder"] = {
+        "file": "pose_encoder.onnx", "opset": OPSET, "optional": False,
+        "inputs": [_io("rot_mats", [24, 3, 3], "local joint rotations (rodrigues of the SMPL pose); joint 0 ignored")],
+        "outputs": [_io("pose_code", [1, P], "pose latent Z_p")],
+        "equation": "hierarchical pose encoder (3DGS-Avatar), canonical joints baked in",
+    }
+    z_p = pe(torch.eye(3).expand(24, 3, 3).contiguous())
+    geo = GeometryModule(m.geometry_field, L, folded=fold_g)
+    args = (f_g, z_p, m.centers[:k], m.frames[:k], m.scales0[:k])
+    gin = ["geometry_features", "pose_code", "centers", "rotations", "scales"]
+    _export(geo, args, gin, ["centers_out", "rotations_out", "scales_out", "z_g"],
+            {"geometry_features", "centers", "rotations", "scales"}, out_dir / "geometry.onnx")
+    entries["geometry"] = {
+        "file": "geometry.onnx", "opset": OPSET, "optional": False,
+        "inputs": [_io("geometry_features", ["S", Fg], "surfels.safetensors geometry_features"
+                       + (" (folded first layer W_1[:, :F] f_g)" if fold_g else " (f_g)")),
+                   _io("pose_code", [1, P], "pose_encoder output"),
+                   _io("centers", ["S", 3], "surfels.safetensors centers (m)"),
+                   _io("rotations", ["S", 3, 3], "surfels.safetensors rotations"),
+                   _io("scales", ["S", 2], "surfels.safetensors scales (m)")],
+        "outputs": [_io("centers_out", ["S", 3], "mu' = mu + n delta_d (m)"),
+                    _io("rotations_out", ["S", 3, 3], "R' = R exp([delta_r]_x)"),
+                    _io("scales_out", ["S", 2], "s' = s exp(delta_s) (m)"),
+                    _io("z_g", ["S", L], "geometry latent for color")],
+        "equation": "eq. 3-6" + ("" if m.geometry_field is not None else " (field off: identity, z_g = 0)"),
+        "folded_first_layer": fold_g,
+    }
+    view = m.appearance_field.sh_degree >= 0
+    col = ColorModule(m.appearance_field, folded=fold)
+    z_g = torch.zeros(k, L)
+    cin = ["appearance_features", "z_g", "pose_code"] + (["view_dirs"] if view else [])
+    cargs = (f_c, z_g, z_p) + ((torch.nn.functional.normalize(torch.randn(k, 3), dim=-1),) if view else ())
+    _export(col, cargs, cin, ["colors"], {"appearance_features", "z_g", "view_dirs"}, out_dir / "color.onnx")
+    inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
+                  + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)")),
+              _io("z_g", ["S", L], "geometry output z_g"), _io("pose_code", [1, P], "pose_encoder output")]
+    if view:
+        inputs.append(_io("view_dirs", ["S", 3], "normalize(inv(T[:3,:3]) d), d = normalize(mu_o - camera_centre)"))
+    entries["color"] = {
+        "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
+        "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
+        "view_dir_canonicalization": "inverse" if view else None, "equation": "eq. 7",
+        "folded_first_layer": fold,
+    }
+    if skinning and m.skinning_field is not None:
+        prior = bool(m.cfg.skinning_prior)
+        sk = SkinningModule(m.skinning_field, prior)
+        sargs = (m.centers[:k],) + ((m.skin_weights[:k],) if prior else ())
+        sin = ["points"] + (["prior_weights"] if prior else [])
+        _export(sk, sargs, sin, ["skin_weights"], set(sin), out_dir / "skinning.onnx")
+        inputs = [_io("points", ["S", 3], "canonical positions (m), e.g. geometry centers_out (mu')")]
+        if prior:
+            inputs.append(_io("prior_weights", ["S", 24], "surfels.safetensors prior_skin_weights (SMPL "
+                                                           "weights at the canonical centres; logits get "
+                                                           "+log(prior))"))
+        entries["skinning"] = {
+            "file": "skinning.onnx", "opset": OPSET, "optional": True, "inputs": inputs,
+            "outputs": [_io("skin_weights", ["S", 24], "W, rows sum to 1")], "equation": "eq. 9",
+            "skinning_query_trained": str(m.cfg.skinning_query),
+        }
+    return entries
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Write a float16 copy of the ONNX model ``src`` to ``dst`` (float32 inputs/outputs kept).
+
+    Raises:
+        RuntimeError: the converter is unavailable or fails (the caller reports it).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    onnx.save(half, str(dst))
