@@ -1,0 +1,83 @@
+"""Parity of the runtime frame with the trainer's render of the same avatar (issue 6).
+
+For a few training frames of a run, renders (a) the trainer's avatar (``fmgs.export.bake``
+rebuilds it exactly as ``fmgs-eval``) with the CPU 2DGS rasteriser and (b) the run's
+bundle through the torch-free runtime (pipeline + OpenGL renderer, EGL), in the
+dataset's own camera, and reports the PSNR between the two (white background, full image),
+also with back-face culling (the runtime's optional speed-up) and 8-bit / half targets.
+
+Usage:
+    python benchmarks/parity_play.py RUN_DIR BUNDLE --frames 3 --size 512
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("bundle")
+    ap.add_argument("--frames", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--cull", type=float, nargs="*", default=[0.7], help="back-face culling thresholds to try")
+    ap.add_argument("--precisions", nargs="*", default=["f4", "f2", "f1"])
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from fmgs.export.bake import load_run, training_poses
+    from fmgs.runtime.gl_renderer import SurfelRenderer, create_headless_context
+    from fmgs.runtime.pipeline import AvatarPipeline
+    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.rasterizer import rasterize_surfels
+
+    run = load_run(args.run_dir)
+    pipe = AvatarPipeline(args.bundle, array_backend="numpy")
+    ctx = create_headless_context()
+    seq = run.train_seq
+    results = {}
+    for pose in training_poses(run, args.frames):
+        cam = seq.camera(pose["name"])
+        cam = cam.scaled(args.size / cam.width).without_distortion()
+        with torch.no_grad():
+            if run.kind == "full":
+                from fmgs.trainer.full_model import pose_frame, render_full
+
+                rot, B = pose_frame(pose["poses"], None, None, run.setup.rest_joints, run.setup.canonical_G,
+                                    pose["world_from_body"])
+                posed = run.model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32),
+                                  torch.as_tensor(run.setup.surfels.joints, dtype=torch.float32))
+                ref = render_full(posed, cam, background=(1.0, 1.0, 1.0), backend="cpu")
+            else:
+                B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
+                                          pose["poses"], pose["world_from_body"])
+                ps = run.model(torch.as_tensor(B, dtype=torch.float32),
+                               torch.as_tensor(cam.center, dtype=torch.float32))
+                T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+                ref = rasterize_surfels(ps.means, ps.rotations, ps.scales, ps.opacities, ps.colors, T(cam.K),
+                                        T(cam.viewmat), cam.width, cam.height, background=T([1.0, 1.0, 1.0]),
+                                        backend="cpu")
+        ref_img = ref.rgb.numpy().clip(0, 1)
+        for prec in args.precisions:
+            for cull in [None, *args.cull]:
+                r = SurfelRenderer(ctx, cam.width, cam.height, pipe.S, precision=prec)
+                pipe.init_table(r.table)
+                pipe.frame(pose["poses"].reshape(24, 3), pose["world_from_body"], cam.center, table=r.table)
+                r.draw(cam.K, cam.viewmat, mode="rgb", cull_backfaces=cull, background=(1.0, 1.0, 1.0))
+                r.resolve("rgb", background=(1.0, 1.0, 1.0))
+                img = r.read_display().astype(np.float64) / 255.0
+                psnr = 10 * np.log10(1.0 / np.mean((img - ref_img) ** 2))
+                results.setdefault((prec, cull), []).append(psnr)
+                r.release()
+    print(f"{run.kind} avatar, {pipe.S} surfels, {args.frames} training frames at {args.size}px ({args.run_dir})")
+    for (prec, cull), v in results.items():
+        print(f"  target {prec} cull {cull}: PSNR runtime vs trainer mean {np.mean(v):.2f} dB, min {np.min(v):.2f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
