@@ -22,7 +22,7 @@ def run_cli(fn) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``fmgs-train [--config C] [--out RUN_DIR | --resume RUN_DIR] [key=value ...]``."""
+    """``fmgs-train [--config C] [--out RUN_DIR | --resume RUN_DIR] [--init aggregate] [--preview] [key=value ...]``."""
     ap = argparse.ArgumentParser(
         prog="fmgs-train",
         description="Fit an FMGS avatar to a monocular video (HumanNeRF-format folder), then evaluate it.",
@@ -34,8 +34,17 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                     help="continue an interrupted run from its last checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    # issue 7 (trainer/aggregate.py): instant avatar from all frames fused onto the surfels
+    ap.add_argument("--init", choices=["none", "aggregate"], default=None,
+                    help="initialisation before training (sets init.kind): aggregate = fuse all training "
+                         "frames onto the surfels and warm-start the appearance field")
+    ap.add_argument("--preview", action="store_true",
+                    help="only aggregate the frames and write a playable preview bundle to OUT/preview "
+                         "(default OUT: runs/preview), with held-out PSNR/SSIM unless --no-eval")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
+    if args.init is not None:
+        args.overrides = [*args.overrides, f"init.kind={args.init}"]
 
     def go():
         from fmgs.trainer.config import load_config
@@ -43,6 +52,14 @@ def train_main(argv: list[str] | None = None) -> int:
         from fmgs.trainer.checkpoint import checkpoint_path
         from fmgs.trainer.train import train
 
+        if args.preview:
+            if args.resume is not None:
+                raise FmgsInputError("--preview cannot be combined with --resume")
+            from fmgs.trainer.aggregate import run_preview
+
+            run_preview(load_config(args.config, args.overrides), args.out or Path("runs") / "preview",
+                        evaluate=not args.no_eval)
+            return
         if args.resume is not None:
             if args.config or args.overrides or args.out:
                 raise FmgsInputError("--resume reuses the run's own config.yaml; drop --config/--out/overrides")

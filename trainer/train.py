@@ -251,6 +251,10 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
         start_it, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         restore_rng(state)
         print(f"resuming {run_dir} from iteration {start_it} ({elapsed / 60:.1f} min trained)")
+    else:  # issue 7: optional initialisation (init.kind; trainer/aggregate.py); its time counts as training
+        from fmgs.trainer.aggregate import apply_init
+
+        elapsed = apply_init(cfg, model, setup, train_seq, test_seq, run_dir)
 
     total = int(cfg.train.iterations)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_it if resume else None)
