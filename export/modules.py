@@ -145,20 +145,9 @@ def sh_bands_without_dc(dirs: torch.Tensor, degree: int) -> list[torch.Tensor]:
     Band 0 is the constant ``C0``; the folded colour graphs add its contribution to the
     per-frame bias instead of computing a column of constants per surfel.
     """
-    from fmgs.trainer.fields import _C1, _C2, _C3
+    from fmgs.trainer.fields import sh_bands
 
-    x, y, z = dirs.unbind(-1)
-    out = []
-    if degree >= 1:
-        out += [-_C1 * y, _C1 * z, -_C1 * x]
-    if degree >= 2:
-        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        out += [_C2[0] * xy, _C2[1] * yz, _C2[2] * (2 * zz - xx - yy), _C2[3] * xz, _C2[4] * (xx - yy)]
-    if degree >= 3:
-        out += [_C3[0] * y * (3 * xx - yy), _C3[1] * xy * z, _C3[2] * y * (4 * zz - xx - yy),
-                _C3[3] * z * (2 * zz - 3 * xx - 3 * yy), _C3[4] * x * (4 * zz - xx - yy), _C3[5] * z * (xx - yy),
-                _C3[6] * x * (xx - 3 * yy)]
-    return out
+    return sh_bands(dirs, degree, with_dc=False)
 
 
 def geometry_foldable(field: nn.Module | None) -> bool:

@@ -93,20 +93,18 @@ _C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325
        -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
 
 
-def sh_basis(dirs: torch.Tensor, degree: int = 3) -> torch.Tensor:
-    """Real SH basis of unit directions.
+def sh_bands(dirs: torch.Tensor, degree: int = 3, with_dc: bool = True) -> list[torch.Tensor]:
+    """The real SH basis functions of unit directions as a list of ``(N,)`` tensors
+    (3DGS ordering and signs); ``with_dc=False`` leaves out the constant band-0 term
+    (the exported colour graphs fold it into a per-frame bias).
 
-    Args:
-        dirs: (N, 3) unit vectors, any float dtype.
-        degree: 0..3.
-
-    Returns:
-        (N, (degree+1)^2) basis values, same dtype (3DGS ordering and signs).
+    Raises:
+        ValueError: degree outside 0..3.
     """
     if not 0 <= degree <= 3:
         raise ValueError(f"SH degree must be 0..3, got {degree}")
     x, y, z = dirs.unbind(-1)
-    out = [torch.full_like(x, _C0)]
+    out = [torch.full_like(x, _C0)] if with_dc else []
     if degree >= 1:
         out += [-_C1 * y, _C1 * z, -_C1 * x]
     if degree >= 2:
@@ -122,7 +120,23 @@ def sh_basis(dirs: torch.Tensor, degree: int = 3) -> torch.Tensor:
             _C3[5] * z * (xx - yy),
             _C3[6] * x * (xx - 3 * yy),
         ]
-    return torch.stack(out, -1)
+    return out
+
+
+def sh_basis(dirs: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """Real SH basis of unit directions.
+
+    Args:
+        dirs: (N, 3) unit vectors, any float dtype.
+        degree: 0..3.
+
+    Returns:
+        (N, (degree+1)^2) basis values, same dtype (3DGS ordering and signs).
+
+    Raises:
+        ValueError: degree outside 0..3.
+    """
+    return torch.stack(sh_bands(dirs, degree), -1)
 
 
 
