@@ -189,11 +189,11 @@ def _bake_full(run: LoadedRun, fold: bool) -> Baked:
     z_p = m.pose_encoder(canonical_rot_mats(run), J_hat)
     from fmgs.export.modules import GeometryModule
 
-    mu_c, R_c, s_c, z_g = GeometryModule(m.geometry_field, m.cfg.geometry_latent_dim)(f_g, z_p, m.centers, m.frames,
-                                                                                      m.scales0)
+    mu_b, R_b, s_b = m.base_surfels()            # template surfels (+ static offsets when trained with them)
+    mu_c, R_c, s_c, z_g = GeometryModule(m.geometry_field, m.cfg.geometry_latent_dim)(f_g, z_p, mu_b, R_b, s_b)
     d_hat = -R_c[:, :, 2] if m.appearance_field.sh_degree >= 0 else None
     colors = m.appearance_field(f_c, z_g, z_p, d_hat)
-    surfels = {"centers": _np(m.centers), "rotations": _np(m.frames), "scales": _np(m.scales0),
+    surfels = {"centers": _np(mu_b), "rotations": _np(R_b), "scales": _np(s_b),
                "opacities": _np(opac), "skin_weights": _np(W), "colors": _np(colors),
                "geometry_features": _np(f_g), "appearance_features": _np(f_c)}
     if fold:

@@ -271,11 +271,12 @@ def skinning_bake_check(run: LoadedRun, baked: Baked, frames: int = 32) -> dict:
     for pose in poses:
         rot, B = _frame_inputs(run, pose)
         z_p = m.pose_encoder(rot, J_hat)
+        mu_b, R_b, s_b = m.base_surfels()
         if m.geometry_field is not None:                                     # eq. 3-4 (the trainer's own)
             res = m.geometry_field(baked.torch_inputs["f_g"], z_p)
-            mu_c = apply_geometry_residual(m.centers, m.frames, m.scales0, None, res).centers
+            mu_c = apply_geometry_residual(mu_b, R_b, s_b, None, res).centers
         else:
-            mu_c = m.centers
+            mu_c = mu_b
         if q != "canonical" or W_canon is None:                             # canonical: pose-independent
             W_used = m.skinning_weights(mu_c, training=False)               # the trained forward's weights
             W_canon = W_used if q == "canonical" else None

@@ -53,7 +53,7 @@ def full_export(tmp_path_factory, zju377, data_root):
     """A 3-iteration full-model run, exported through the CLI (checks on, 1 parity frame, 2 bake
     frames, --trt auto on a machine without TensorRT)."""
     root = tmp_path_factory.mktemp("export")
-    run = _train(root / "run", data_root, ["model.kind=full", "train.iterations=3"])
+    run = _train(root / "run", data_root, ["model.kind=full", "model.full.static_offsets=true", "train.iterations=3"])
     rc, out, err = _cli([str(run), "--out", str(root / "bundle"), "--parity-frames", "1", "--bake-frames", "2"])
     assert rc == 0, err
     return run, root / "bundle", out
@@ -152,7 +152,16 @@ def test_full_bundle_round_trips_with_independent_constants(full_export):
     np.testing.assert_allclose(b.surfels["prior_skin_weights"], state["skin_weights"].numpy(), atol=0)
     op = 1.0 / (1.0 + np.exp(-state["opacity_logit"].double().numpy()))
     np.testing.assert_allclose(b.surfels["opacities"], op, atol=1e-7)
-    np.testing.assert_array_equal(b.surfels["centers"], state["centers"].numpy())
+    # base surfels: template + the static offsets (model.full.static_offsets), in float64
+    n64 = state["frames"][:, :, 2].double()
+    np.testing.assert_allclose(b.surfels["centers"],
+                               (state["centers"].double() + n64 * state["displacement"].double()[:, None]).numpy(),
+                               atol=1e-7)
+    assert np.abs(state["displacement"].numpy()).max() > 0          # the offsets did train
+    np.testing.assert_allclose(b.surfels["scales"],
+                               (state["scales0"].double() * state["log_scale_delta"].double().exp()).numpy(),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(b.surfels["rotations"], state["frames"].numpy())
     bm = b.body_model_arrays()
     np.testing.assert_allclose(bm["canonical_bone_transforms"] @ np.linalg.inv(bm["canonical_bone_transforms"]),
                                np.tile(np.eye(4), (24, 1, 1)), atol=1e-9)
@@ -284,7 +293,8 @@ def test_ply_holds_the_canonical_avatar(full_export):
                               dtype=torch.float32)
         z_p = model.pose_encoder(rot, normalize_canonical_joints(torch.as_tensor(setup.surfels.joints).float()))
         res = model.geometry_field(model.geometry_grid(x), z_p)
-        corr = apply_geometry_residual(model.centers, model.frames, model.scales0, None, res)
+        mu_b = model.centers + model.frames[:, :, 2] * model.displacement[:, None]   # static offsets
+        corr = apply_geometry_residual(mu_b, model.frames, model.scales0 * model.log_scale_delta.exp(), None, res)
         rgb = model.appearance_field(model.appearance_grid(x), res.z_g, z_p, -corr.rotations[:, :, 2]).numpy()
     pos = np.stack([v["x"], v["y"], v["z"]], 1)
     np.testing.assert_allclose(pos, corr.centers.numpy(), atol=1e-6)

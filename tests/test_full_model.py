@@ -139,6 +139,46 @@ def test_zero_residual_without_skinning_field_equals_foundation(real):
     torch.testing.assert_close(b.means, ref.means, atol=2e-5, rtol=0)
 
 
+def test_static_offsets_match_the_foundation_static_geometry(real):
+    """``static_offsets``: with the same per-surfel displacement and log-scale delta (random,
+    a few mm / +-0.3), the zero-residual full model with SMPL skinning poses exactly the
+    surfels of the foundation model (its static eq. 4-5); they get gradients; without the
+    switch the model has no such parameters."""
+    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.train import build_model
+
+    cfg, seq, setup = real
+    torch.manual_seed(1)
+    found = build_model(cfg, setup)
+    full = FMGSAvatar(setup.surfels, FullModelConfig(use_skinning_field=False, use_pose_correction=False,
+                                                     static_offsets=True))
+    assert FMGSAvatar(setup.surfels, FullModelConfig(use_skinning_field=False, use_pose_correction=False)
+                      ).displacement is None
+    S = full.num_surfels
+    d = (torch.rand(S) - 0.5) * 0.01
+    ls = (torch.rand(S, 2) - 0.5) * 0.6
+    with torch.no_grad():
+        full.displacement.copy_(d)
+        full.log_scale_delta.copy_(ls)
+        found.displacement.copy_(d)
+        found.log_scale_delta.copy_(ls)
+    names = {g["name"] for g in full.param_groups()}
+    assert {"scale", "displacement"} <= names
+    fr = seq[1]
+    J, c = _frame_inputs(setup, fr, full)
+    B = torch.as_tensor(frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses,
+                                              fr.world_from_body), dtype=torch.float32)
+    rot, _ = pose_frame(fr.poses, None, None, setup.rest_joints, setup.canonical_G, fr.world_from_body)
+    a = full(rot, B, c, J)
+    with torch.no_grad():
+        ref = found(B, c)
+    torch.testing.assert_close(a.means.detach(), ref.means, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.scales.detach(), ref.scales, atol=0, rtol=1e-5)
+    (a.means.sum() + a.scales.sum()).backward()
+    assert torch.count_nonzero(full.displacement.grad) > 0.9 * S
+    assert torch.count_nonzero(full.log_scale_delta.grad) > 0.9 * S
+
+
 def test_shared_lookup_fused_gather_equals_per_grid_encoding(real):
     """One precomputed lookup serves the three grids; the fused gather equals per-grid
     on-the-fly encodings, in value and in table gradients."""

@@ -120,6 +120,12 @@ class FullModelConfig:
         pose_noise_std, pose_noise_p: training-time pose augmentation
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
         init_opacity: initial surfel opacity (0.9, as the foundation).
+        static_offsets: learnable per-surfel, pose-free offsets under the geometry field:
+            ``mu_b = mu + n * d`` and ``s_b = s * exp(delta_s)`` (the foundation model's
+            static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
+            parameters under its pose-dependent residual). The field's residual (eq. 4-6)
+            then acts on ``(mu_b, R, s_b)``. Off by default in the dataclass for
+            checkpoints trained before it existed; on in the shipped config.
         use_geometry_field: eq. 3-6 on (off: ``mu' = mu``, ``R' = R``, ``s' = s``, ``z_g = 0``).
         use_skinning_field: eq. 9 on (off: SMPL weights carried to the surfels).
         skinning_prior: offset the skinning field's logits by ``log`` of the surfels' SMPL
@@ -152,6 +158,7 @@ class FullModelConfig:
     pose_noise_std: float = 0.1
     pose_noise_p: float = 0.5
     init_opacity: float = 0.9
+    static_offsets: bool = False
     use_geometry_field: bool = True
     use_skinning_field: bool = True
     skinning_prior: bool = True
@@ -345,6 +352,11 @@ class FMGSAvatar(nn.Module):
         self.register_buffer("skin_cache_valid", torch.zeros((), dtype=torch.bool))
         self.pose_correction = PoseCorrection(int(cfg.num_frames)) if cfg.use_pose_correction else None
         self.opacity_logit = nn.Parameter(torch.full((n,), _inverse_sigmoid(cfg.init_opacity), dtype=f32))
+        if cfg.static_offsets:
+            self.displacement = nn.Parameter(torch.zeros(n, dtype=f32))            # metres, along n
+            self.log_scale_delta = nn.Parameter(torch.zeros(n, 2, dtype=f32))
+        else:
+            self.displacement = self.log_scale_delta = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -433,9 +445,19 @@ class FMGSAvatar(nn.Module):
             self.skin_cache.index_copy_(0, rows, W_rows.detach())
         return W
 
+    def base_surfels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Canonical surfels under the geometry field: ``(mu_b (S,3) m, R (S,3,3), s_b (S,2) m)``,
+        with the static per-surfel offsets applied when ``static_offsets`` is on (else the
+        template surfels of eq. 2)."""
+        if self.displacement is None:
+            return self.centers, self.frames, self.scales0
+        mu = self.centers + self.frames[:, :, 2] * self.displacement[:, None]
+        return mu, self.frames, self.scales0 * torch.exp(self.log_scale_delta)
+
     def param_groups(self, lr_grid: float = 1e-2, lr_mlp: float = 1e-3, lr_opacity: float = 5e-2,
-                     lr_pose: float = 1e-4) -> list[dict]:
-        """Adam parameter groups (hash tables / MLPs / opacities / pose correction)."""
+                     lr_pose: float = 1e-4, lr_scale: float = 5e-3, lr_displacement: float = 2e-4) -> list[dict]:
+        """Adam parameter groups (hash tables / MLPs / opacities / pose correction / static
+        offsets, with the foundation model's learning rates for the last)."""
         grids = [p for g in self._grids() for p in g.parameters()]
         if self.skinning_field is not None:
             grids += list(self.skinning_field.grid.parameters())
@@ -450,6 +472,9 @@ class FMGSAvatar(nn.Module):
                   {"params": [self.opacity_logit], "lr": lr_opacity, "name": "opacity"}]
         if self.pose_correction is not None:
             groups.append({"params": list(self.pose_correction.parameters()), "lr": lr_pose, "name": "pose"})
+        if self.displacement is not None:
+            groups += [{"params": [self.log_scale_delta], "lr": lr_scale, "name": "scale"},
+                       {"params": [self.displacement], "lr": lr_displacement, "name": "displacement"}]
         return groups
 
     # ------------------------------------------------------------------ forward
@@ -484,13 +509,14 @@ class FMGSAvatar(nn.Module):
         f_g, f_c = feats[0], feats[1]
         f_s = feats[2] if self.semantic_field is not None else None
 
+        mu_b, R_b, s_b = self.base_surfels()
         if self.geometry_field is not None:
             res = self.geometry_field(f_g, z_p)                                            # eq. 3
-            corr = apply_geometry_residual(self.centers, self.frames, self.scales0, None, res)  # eq. 4-6
+            corr = apply_geometry_residual(mu_b, R_b, s_b, None, res)                      # eq. 4-6
             mu_c, R_c, s_c, z_g = corr.centers, corr.rotations, corr.scales, res.z_g
         else:
             res = None
-            mu_c, R_c, s_c = self.centers, self.frames, self.scales0
+            mu_c, R_c, s_c = mu_b, R_b, s_b
             z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
 
         W = self.skinning_weights(mu_c, training=training, generator=generator)          # eq. 9

@@ -108,6 +108,7 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> tor
             skinning_query=str(f.get("skinning_query", "canonical")),
             skinning_subset=float(f.get("skinning_subset", 0.25)),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
+            static_offsets=bool(f.get("static_offsets", False)),
             init_opacity=float(cfg.surfels.init_opacity)))
     return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
 
@@ -116,7 +117,8 @@ def make_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optim
     """Adam over the model's parameter groups with the ``train.lr`` learning rates."""
     lr = cfg.train.lr
     if is_full(cfg):
-        groups = model.param_groups(lr_grid=lr.hash_grid, lr_mlp=lr.mlp, lr_opacity=lr.opacity, lr_pose=lr.pose)
+        groups = model.param_groups(lr_grid=lr.hash_grid, lr_mlp=lr.mlp, lr_opacity=lr.opacity, lr_pose=lr.pose,
+                                    lr_scale=lr.scale, lr_displacement=lr.displacement)
     else:
         groups = model.param_groups(lr)
     return torch.optim.Adam(groups, eps=1e-15)
