@@ -217,7 +217,8 @@ def print_summary(report: dict, out: Path) -> None:
         if not par or "models" not in par:
             continue
         print(f"{key} ({par['precision']}, {len(par['frames'])} training frames, tol {par['tolerance']:g}): "
-              f"{'PASS' if par['passed'] else 'FAIL'}, max abs error {par['max_abs_error']:.2e}")
+              f"{'PASS' if par['passed'] else ('FAIL' if key == 'parity' else 'above tol (informational)')}, "
+              f"max abs error {par['max_abs_error']:.2e}")
         for mname, outs in par["models"].items():
             print("   " + mname + ": " + ", ".join(f"{k} {v:.2e}" for k, v in outs.items()))
         e = par["end_to_end"]
