@@ -190,7 +190,8 @@ def _bake_full(run: LoadedRun, fold: bool) -> Baked:
     from fmgs.export.modules import GeometryModule
 
     mu_b, R_b, s_b = m.base_surfels()            # template surfels (+ static offsets when trained with them)
-    mu_c, R_c, s_c, z_g = GeometryModule(m.geometry_field, m.cfg.geometry_latent_dim)(f_g, z_p, mu_b, R_b, s_b)
+    mu_c, R_c, s_c, z_g = GeometryModule(m.geometry_field, m.cfg.geometry_latent_dim,
+                                    max_displacement=m.cfg.max_displacement)(f_g, z_p, mu_b, R_b, s_b)
     d_hat = -R_c[:, :, 2] if m.appearance_field.sh_degree >= 0 else None
     colors = m.appearance_field(f_c, z_g, z_p, d_hat)
     surfels = {"centers": _np(mu_b), "rotations": _np(R_b), "scales": _np(s_b),

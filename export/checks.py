@@ -273,7 +273,7 @@ def skinning_bake_check(run: LoadedRun, baked: Baked, frames: int = 32) -> dict:
         z_p = m.pose_encoder(rot, J_hat)
         mu_b, R_b, s_b = m.base_surfels()
         if m.geometry_field is not None:                                     # eq. 3-4 (the trainer's own)
-            res = m.geometry_field(baked.torch_inputs["f_g"], z_p)
+            res = m.geometry_residual(baked.torch_inputs["f_g"], z_p)
             mu_c = apply_geometry_residual(mu_b, R_b, s_b, None, res).centers
         else:
             mu_c = mu_b

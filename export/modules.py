@@ -166,6 +166,8 @@ class GeometryModule(nn.Module):
             ``W_1[:, :F] f_g`` (``(S, H)``, :func:`fold_first_layer`) instead of ``f_g``; the graph
             adds the per-frame term ``W_1[:, F:] Z_p + b_1`` (one row) and runs the remaining
             layers. Same values as the field on ``[f_g, Z_p]``.
+        max_displacement: the trainer's soft bound of ``delta_d`` (``FullModelConfig.max_displacement``,
+            metres; 0 = none): ``d_max * tanh(delta_d / d_max)``.
 
     Forward: ``geometry_features (S,F)`` or ``(S,H)`` (folded), ``pose_code (1,16)``,
     ``centers (S,3)`` m, ``rotations (S,3,3)``, ``scales (S,2)`` m -> ``centers (S,3)`` =
@@ -173,9 +175,11 @@ class GeometryModule(nn.Module):
     rotation residual ``R' = R exp([delta_r]_x)`` is written elementwise (:func:`rotate_local`).
     """
 
-    def __init__(self, field: nn.Module | None, latent_dim: int = 16, folded: bool = False):
+    def __init__(self, field: nn.Module | None, latent_dim: int = 16, folded: bool = False,
+                 max_displacement: float = 0.0):
         super().__init__()
         self.field = field
+        self.max_displacement = float(max_displacement)
         self.latent_dim = int(latent_dim)
         if folded and not geometry_foldable(field):
             raise ValueError("the geometry field has no hidden layer (or is off): nothing to fold")
@@ -202,7 +206,10 @@ class GeometryModule(nn.Module):
         # planar (6, S) so that eq. 4-6 below run on contiguous rows
         z = F.linear(h, last.weight[6:], last.bias[6:])                           # (S, L)
         g = last.weight[:6] @ h.T + last.bias[:6, None]                           # (6, S): d, s_u, s_v, r
-        mu = centers + rotations[:, :, 2] * g[0].unsqueeze(-1)                     # eq. 4
+        d = g[0]
+        if self.max_displacement > 0:
+            d = self.max_displacement * torch.tanh(d / self.max_displacement)
+        mu = centers + rotations[:, :, 2] * d.unsqueeze(-1)                        # eq. 4
         sc = scales * torch.exp(g[1:3].T)                                         # eq. 5
         R = rotate_local(rotations, g[3:6])                                       # eq. 6
         return mu, R, sc, z

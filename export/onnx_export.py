@@ -120,7 +120,7 @@ def export_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str,
         "equation": "hierarchical pose encoder (3DGS-Avatar), canonical joints baked in",
     }
     z_p = pe(torch.eye(3).expand(24, 3, 3).contiguous())
-    geo = GeometryModule(m.geometry_field, L, folded=fold_g)
+    geo = GeometryModule(m.geometry_field, L, folded=fold_g, max_displacement=m.cfg.max_displacement)
     args = (f_g, z_p, m.centers[:k], m.frames[:k], m.scales0[:k])
     gin = ["geometry_features", "pose_code", "centers", "rotations", "scales"]
     _export(geo, args, gin, ["centers_out", "rotations_out", "scales_out", "z_g"],

@@ -437,6 +437,42 @@ def test_interrupted_export_leaves_no_bundle(foundation_export, tmp_path, monkey
 
 
 # =========================================================================== exporter building blocks
+def test_geometry_module_bounded_displacement_matches_the_trainer():
+    """GeometryModule with ``max_displacement`` (raw and folded graphs) equals, in float64,
+    eq. 4-6 applied to the field's residual with delta_d -> d_max tanh(delta_d / d_max),
+    on residuals large enough (|delta_d| up to ~0.3 m) for the bound to act."""
+    from fmgs.export.modules import GeometryModule, fold_first_layer
+    from fmgs.trainer.fields import GeometryResidualField, apply_geometry_residual, so3_exp
+
+    torch.manual_seed(3)
+    S, md = 500, 0.02
+    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=2).double()
+    with torch.no_grad():
+        last = field.mlp[-1]
+        last.weight.normal_(0, 0.05)
+        last.bias.zero_()
+        last.weight[0].mul_(20.0)                        # large delta_d
+    f_g = torch.randn(S, 32, dtype=torch.float64)
+    z_p = torch.randn(1, 16, dtype=torch.float64)
+    mu = torch.randn(S, 3, dtype=torch.float64)
+    R = so3_exp(torch.randn(S, 3, dtype=torch.float64))
+    sc = torch.rand(S, 2, dtype=torch.float64) * 0.01 + 0.001
+    with torch.no_grad():
+        res = field(f_g, z_p)
+        assert res.delta_d.abs().max() > 5 * md
+        ref = apply_geometry_residual(mu, R, sc, None, res._replace(delta_d=md * torch.tanh(res.delta_d / md)))
+        for folded in (False, True):
+            gm = GeometryModule(field, 16, folded=folded, max_displacement=md)
+            feats = fold_first_layer(f_g, field.mlp[0], slice(0, 32)) if folded else f_g
+            c, r, s_, z = gm(feats, z_p, mu, R, sc)
+            tol = 1e-6 if folded else 1e-10      # fold_first_layer bakes in float32
+            torch.testing.assert_close(c, ref.centers, atol=tol, rtol=0)
+            torch.testing.assert_close(r, ref.rotations, atol=max(tol, 1e-7), rtol=0)   # elementwise so3_exp
+            torch.testing.assert_close(s_, ref.scales, atol=0, rtol=tol)
+            torch.testing.assert_close(z, res.z_g, atol=tol, rtol=0)
+        assert (ref.centers - mu).norm(dim=1).max() <= md + 1e-12
+
+
 def test_elementwise_rewrites_equal_the_trainer_functions():
     """rotate_local / sh_bands_without_dc / hash_encode_gather / fold_first_layer against the
     trainer's so3_exp @, sh_basis, HashGrid.forward and nn.Linear, in float64."""

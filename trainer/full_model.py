@@ -120,6 +120,8 @@ class FullModelConfig:
         pose_noise_std, pose_noise_p: training-time pose augmentation
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
         init_opacity: initial surfel opacity (0.9, as the foundation).
+        max_displacement: soft bound (metres) of the field's normal displacement,
+            ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4).
         static_offsets: learnable per-surfel, pose-free offsets under the geometry field:
             ``mu_b = mu + n * d`` and ``s_b = s * exp(delta_s)`` (the foundation model's
             static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
@@ -159,6 +161,7 @@ class FullModelConfig:
     pose_noise_p: float = 0.5
     init_opacity: float = 0.9
     static_offsets: bool = False
+    max_displacement: float = 0.0
     use_geometry_field: bool = True
     use_skinning_field: bool = True
     skinning_prior: bool = True
@@ -445,6 +448,16 @@ class FMGSAvatar(nn.Module):
             self.skin_cache.index_copy_(0, rows, W_rows.detach())
         return W
 
+    def geometry_residual(self, f_g: torch.Tensor, z_p: torch.Tensor):
+        """The geometry field's residual (eq. 3), with ``delta_d`` softly bounded to
+        ``max_displacement * tanh(delta_d / max_displacement)`` when ``max_displacement > 0``.
+        Requires the geometry field (``use_geometry_field``)."""
+        res = self.geometry_field(f_g, z_p)
+        md = float(self.cfg.max_displacement)
+        if md > 0:
+            res = res._replace(delta_d=md * torch.tanh(res.delta_d / md))
+        return res
+
     def base_surfels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Canonical surfels under the geometry field: ``(mu_b (S,3) m, R (S,3,3), s_b (S,2) m)``,
         with the static per-surfel offsets applied when ``static_offsets`` is on (else the
@@ -511,7 +524,7 @@ class FMGSAvatar(nn.Module):
 
         mu_b, R_b, s_b = self.base_surfels()
         if self.geometry_field is not None:
-            res = self.geometry_field(f_g, z_p)                                            # eq. 3
+            res = self.geometry_residual(f_g, z_p)                                         # eq. 3
             corr = apply_geometry_residual(mu_b, R_b, s_b, None, res)                      # eq. 4-6
             mu_c, R_c, s_c, z_g = corr.centers, corr.rotations, corr.scales, res.z_g
         else:

@@ -109,6 +109,7 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> tor
             skinning_subset=float(f.get("skinning_subset", 0.25)),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
             static_offsets=bool(f.get("static_offsets", False)),
+            max_displacement=float(f.get("max_displacement", 0.0)),
             pose_noise_std=float(f.get("pose_noise_std", 0.1)), pose_noise_p=float(f.get("pose_noise_p", 0.5)),
             init_opacity=float(cfg.surfels.init_opacity)))
     return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
