@@ -292,7 +292,7 @@ def test_ply_holds_the_canonical_avatar(full_export):
         rot = torch.as_tensor(axis_angle_to_matrix(np.asarray(setup.surfels.canonical_pose).reshape(24, 3)),
                               dtype=torch.float32)
         z_p = model.pose_encoder(rot, normalize_canonical_joints(torch.as_tensor(setup.surfels.joints).float()))
-        res = model.geometry_field(model.geometry_grid(x), z_p)
+        res = model.geometry_residual(model.geometry_grid(x), z_p)   # eq. 3 (+ the d_max bound)
         mu_b = model.centers + model.frames[:, :, 2] * model.displacement[:, None]   # static offsets
         corr = apply_geometry_residual(mu_b, model.frames, model.scales0 * model.log_scale_delta.exp(), None, res)
         rgb = model.appearance_field(model.appearance_grid(x), res.z_g, z_p, -corr.rotations[:, :, 2]).numpy()
