@@ -37,6 +37,7 @@ import time
 import numpy as np
 import torch
 
+from fmgs.body_model import lbs_points
 from fmgs.trainer import aggregate as ag
 from fmgs.trainer.config import load_config
 from fmgs.trainer.model import frame_bone_transforms
@@ -77,7 +78,7 @@ def compare_visibility(cfg, setup, seq, n_frames):
         B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses, fr.world_from_body)
         means, normals = ag.pose_surfels(B, sf.skin_weights, sf.centers, sf.rotations)
         a = time.perf_counter()
-        dm = ag.mesh_depth_map(ag.pose_points(B, sf.mesh_skin_weights, sf.verts), sf.faces, fr.camera)
+        dm = ag.mesh_depth_map(lbs_points(sf.verts, sf.mesh_skin_weights, B), sf.faces, fr.camera)
         b = time.perf_counter()
         from fmgs.trainer.fields import blend_lbs
 

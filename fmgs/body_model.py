@@ -199,7 +199,8 @@ def blend_transforms(weights: np.ndarray, G: np.ndarray) -> np.ndarray:
     """
     weights = np.asarray(weights, dtype=np.float64)
     G = np.asarray(G, dtype=np.float64)
-    return np.einsum("nb,bij->nij", weights, G)
+    # one (N, B) @ (B, 16) matrix product (BLAS), not an einsum loop
+    return (weights @ G.reshape(G.shape[0], 16)).reshape(-1, 4, 4)
 
 
 def lbs_points(points: np.ndarray, weights: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -216,6 +217,24 @@ def lbs_points(points: np.ndarray, weights: np.ndarray, G: np.ndarray) -> np.nda
     points = np.asarray(points, dtype=np.float64)
     T = blend_transforms(weights, G)
     return np.einsum("nij,nj->ni", T[:, :3, :3], points) + T[:, :3, 3]
+
+
+def bone_transforms(poses, world_from_body, rest_joints, parents, canonical_G_inv) -> tuple[np.ndarray, np.ndarray]:
+    """World-from-canonical bone transforms of one frame (3DGS-Avatar convention).
+
+    Args:
+        poses: (24, 3) or (72,) SMPL axis-angle, radians (joint 0 = global orientation).
+        world_from_body: (4, 4) rigid body -> world transform, metres.
+        rest_joints: (24, 3) shaped rest-pose joints, metres (bundle ``body_model.rest_joints``).
+        parents: (24,) int parents, -1 for the root.
+        canonical_G_inv: (24, 4, 4) ``inv(G_c)`` of the canonical pose.
+    Returns:
+        ``rot_mats`` (24, 3, 3) float64 local joint rotations (pose-encoder input) and
+        ``B`` (24, 4, 4) float64 ``world_from_body @ G_pose_b @ inv(G_c_b)``.
+    """
+    rot = axis_angle_to_matrix(np.asarray(poses, np.float64).reshape(-1, 3))
+    G_pose, _ = forward_kinematics(rot, rest_joints, parents)
+    return rot, np.asarray(world_from_body, np.float64)[None] @ G_pose @ canonical_G_inv
 
 
 # --------------------------------------------------------------------------- model

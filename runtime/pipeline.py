@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
+from fmgs.body_model import bone_transforms  # noqa: F401  (re-exported: the per-frame posing)
 from fmgs.errors import FmgsInputError
 from fmgs.runtime.gl_renderer import NUM_ROWS, ROWS
 from fmgs.runtime.inference import load_model
@@ -110,24 +110,6 @@ def limit_blas_threads(n: int = 1) -> int:
                 done += 1
                 break
     return done
-
-
-def bone_transforms(poses, world_from_body, rest_joints, parents, canonical_G_inv) -> tuple[np.ndarray, np.ndarray]:
-    """World-from-canonical bone transforms of one frame (3DGS-Avatar convention).
-
-    Args:
-        poses: (24, 3) or (72,) SMPL axis-angle, radians (joint 0 = global orientation).
-        world_from_body: (4, 4) rigid body -> world transform, metres.
-        rest_joints: (24, 3) shaped rest-pose joints, metres (bundle ``body_model.rest_joints``).
-        parents: (24,) int parents, -1 for the root.
-        canonical_G_inv: (24, 4, 4) ``inv(G_c)`` of the canonical pose.
-    Returns:
-        ``rot_mats`` (24, 3, 3) float64 local joint rotations (pose-encoder input) and
-        ``B`` (24, 4, 4) float64 ``world_from_body @ G_pose_b @ inv(G_c_b)``.
-    """
-    rot = axis_angle_to_matrix(np.asarray(poses, np.float64).reshape(-1, 3))
-    G_pose, _ = forward_kinematics(rot, rest_joints, parents)
-    return rot, np.asarray(world_from_body, np.float64)[None] @ G_pose @ canonical_G_inv
 
 
 def _cross(xp, a, b, out):

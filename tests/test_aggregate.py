@@ -30,6 +30,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT
+
+from fmgs.body_model import lbs_points
 from fmgs.camera import Camera
 from fmgs.priors import rasterize_mesh
 from fmgs.surfels import SCALE_RULE_K, CanonicalSurfels, edge_face_adjacency, subdivide_midpoint, surfel_frames
@@ -120,7 +122,7 @@ def _make_scene():
     for i in range(N_FRAMES):
         B = _bones(i)
         means, normals = ag.pose_surfels(B, sf.skin_weights, sf.centers, sf.rotations)
-        vw = ag.pose_points(B, sf.mesh_skin_weights, sf.verts)
+        vw = lbs_points(sf.verts, sf.mesh_skin_weights, B)
         # independent flat-colour render at 2x, box-filtered to the native size
         r2 = rasterize_mesh(cam2.world_to_camera(vw), faces, cam2.K, 2 * RES, 2 * RES)
         face2 = r2["face"]

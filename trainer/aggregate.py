@@ -54,11 +54,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmgs.body_model import blend_transforms, lbs_points
 from fmgs.errors import FmgsInputError
 
 __all__ = [
     "AggregateConfig", "FrameObservations", "AggregateResult", "aggregate_config",
-    "pose_surfels", "pose_points", "mesh_depth_map", "surfel_depth_map", "bilinear_sample",
+    "pose_surfels", "mesh_depth_map", "surfel_depth_map", "bilinear_sample",
     "visible_surfels", "sample_observations", "observe_frame", "robust_fuse", "fill_from_neighbours",
     "aggregate_frames", "aggregate_sequence", "evaluate_preview", "PreviewAvatar", "warm_start_appearance",
     "apply_init", "preview_surfel_arrays", "write_preview_bundle", "run_preview",
@@ -129,12 +130,6 @@ def aggregate_config(cfg) -> AggregateConfig:
 
 
 # =========================================================================== posing
-def _blend(weights, bone_transforms) -> np.ndarray:
-    """(N, 4, 4) float64 ``sum_b w_nb B_b`` as one matrix product."""
-    B = np.asarray(bone_transforms, np.float64)
-    return (np.asarray(weights, np.float64) @ B.reshape(B.shape[0], 16)).reshape(-1, 4, 4)
-
-
 def pose_surfels(bone_transforms: np.ndarray, skin_weights: np.ndarray, centers: np.ndarray,
                  rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Forward LBS of surfel centres and normals (NumPy twin of ``fields.blend_lbs``, eq. 10-12).
@@ -149,7 +144,7 @@ def pose_surfels(bone_transforms: np.ndarray, skin_weights: np.ndarray, centers:
         means (S, 3) float64 world centres (metres) and normals (S, 3) float64 unit world
         normals ``normalize(M t_u x M t_v)`` with ``M = (sum_b w_b B_b)[:3, :3]``.
     """
-    T = _blend(skin_weights, bone_transforms)
+    T = blend_transforms(skin_weights, bone_transforms)
     M = T[:, :3, :3]
     R = np.asarray(rotations, np.float64)
     means = np.einsum("sij,sj->si", M, np.asarray(centers, np.float64)) + T[:, :3, 3]
@@ -157,11 +152,6 @@ def pose_surfels(bone_transforms: np.ndarray, skin_weights: np.ndarray, centers:
     n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
     return means, n
 
-
-def pose_points(bone_transforms: np.ndarray, skin_weights: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Forward LBS of points: ``x_o = (sum_b w_b B_b) [x; 1]`` -> (N, 3) float64 world, metres."""
-    T = _blend(skin_weights, bone_transforms)
-    return np.einsum("nij,nj->ni", T[:, :3, :3], np.asarray(points, np.float64)) + T[:, :3, 3]
 
 
 # =========================================================================== depth maps
@@ -589,7 +579,7 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
         means, normals = pose_surfels(B, sf.skin_weights, sf.centers, sf.rotations)
         b = time.perf_counter()
         if cfg.visibility == "mesh":
-            depth = mesh_depth_map(pose_points(B, sf.mesh_skin_weights, sf.verts), sf.faces, fr.camera)
+            depth = mesh_depth_map(lbs_points(sf.verts, sf.mesh_skin_weights, B), sf.faces, fr.camera)
         else:
             from fmgs.trainer.fields import blend_lbs
 

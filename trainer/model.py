@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmgs.body_model import SMPLModel, axis_angle_to_matrix, forward_kinematics
+from fmgs.body_model import SMPLModel, bone_transforms
 from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.fields import blend_lbs, sh_basis
 from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
@@ -56,9 +56,8 @@ def frame_bone_transforms(
         (24, 4, 4) float64 ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)``,
         mapping canonical-space points to world space (metres).
     """
-    rot = axis_angle_to_matrix(np.asarray(poses, np.float64).reshape(24, 3))
-    G_pose, _ = forward_kinematics(rot, rest_joints, smpl.parents)
-    return world_from_body[None] @ G_pose @ np.linalg.inv(canonical_G)
+    return bone_transforms(np.asarray(poses, np.float64).reshape(24, 3), world_from_body, rest_joints,
+                           smpl.parents, np.linalg.inv(canonical_G))[1]
 
 
 @dataclass
