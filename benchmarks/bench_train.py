@@ -66,7 +66,8 @@ def main() -> None:
                                     fr.world_from_body)
                 posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32), cano_joints, training=True)
                 t1 = time.perf_counter()
-                out = render_full(posed, cam, max_fragments=cfg.train.max_fragments)
+                out = render_full(posed, cam, max_fragments=cfg.train.max_fragments,
+                                  semantic_weights_only=T.semantic_weights_only(cfg))
                 t2 = time.perf_counter()
                 groups = full_loss_groups(cfg, out, posed, model, fr, priors[idx], it)
                 t3 = time.perf_counter()

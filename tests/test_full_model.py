@@ -290,7 +290,10 @@ def crop_scene(real):
     out = render_full(p, cam, backend="cpu")
     assert 0.3 < float((out.alpha > 0.5).float().mean()) < 0.95  # the crop sees the body and its edges
     losses = {g: _group_loss(g, out, K) for g in ("photometric", "depth", "normal", "semantic")}
-    return {"model": model, "posed": p, "losses": losses}
+    # the same semantic loss on logits composited with constant weights (semantic_weights_only)
+    out_w = render_full(p, cam, backend="cpu", semantic_weights_only=True)
+    losses["semantic_field"] = _group_loss("semantic", out_w, K)
+    return {"model": model, "posed": p, "losses": losses, "extras": (out.extras, out_w.extras)}
 
 
 def _group_loss(name, out, K):
@@ -352,6 +355,27 @@ def test_gradient_isolation_per_loss_group(crop_scene, group, blocked_params, ke
         assert _nz(off[k]), f"{group} loss should reach {k} without the strategy"
     for k in kept_params:
         assert _nz(on[k]), f"{group} loss lost its gradient to {k}"
+
+
+def test_semantic_weights_only_reaches_the_semantic_field_only(crop_scene):
+    """``semantic_weights_only``: the rendered logits are the same numbers, the semantic
+    loss's gradient w.r.t. the semantic field is the same as with the paper's rule, and
+    nothing else of the model (geometry field, scales, opacities, pose, skinning, colour)
+    receives any gradient -- with or without the coordinated backward."""
+    a, b = crop_scene["extras"]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    model = crop_scene["model"]
+    ref = _grads(crop_scene, ["semantic"], enabled=True)
+    for enabled in (True, False):
+        got = _grads(crop_scene, ["semantic_field"], enabled=enabled)
+        assert _nz(got["semantic"])
+        torch.testing.assert_close(got["semantic"], ref["semantic"], atol=1e-7, rtol=1e-5)
+        for k in ("delta_d", "delta_s", "delta_r", "pose", "skinning", "opacity", "color"):
+            assert torch.count_nonzero(got[k]) == 0, k
+        sem = {id(q) for q in [*model.semantic_field.parameters(), model.semantic_grid.table]}
+        for q, gq in zip(model.parameters(), got["all"]):
+            if id(q) not in sem:
+                assert torch.count_nonzero(gq) == 0
 
 
 def test_photometric_reaches_everything_and_strategy_variants_agree(crop_scene):

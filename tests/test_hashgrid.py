@@ -181,6 +181,14 @@ def test_table_gradient_default_config_matches_reference():
         out = g(xt) if path == "fly" else g(lookup=g.precompute(xt))
         (out * torch.from_numpy(up)).sum().backward()
         np.testing.assert_allclose(g.table.grad.numpy(), gref, rtol=0, atol=1e-10, err_msg=path)
+    # a subset of the precomputed points (rows=): the reference on those points only
+    rows = np.array([3, 17, 17, 0, 39, 22])
+    gsub = ref_table_grad(x[rows], cfg, g.table.shape[0], up[rows])
+    g.table.grad = None
+    out = g(lookup=g.precompute(xt), rows=torch.from_numpy(rows))
+    np.testing.assert_array_equal(out.detach().numpy(), g(lookup=g.precompute(xt)).detach().numpy()[rows])
+    (out * torch.from_numpy(up[rows])).sum().backward()
+    np.testing.assert_allclose(g.table.grad.numpy(), gsub, rtol=0, atol=1e-10, err_msg="rows")
 
 
 def test_gradcheck_table_and_points_float64():

@@ -175,7 +175,7 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for group in ("photometric", "depth", "normal", "semantic", "regularisers"):
+    for group in ("photometric", "depth", "normal", "semantic_field", "regularisers"):
         assert f"loss/{group}" in tags, tags
 
     from fmgs.trainer.evaluate import load_run_config
@@ -226,7 +226,9 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     assert no_value.sum() > 10  # the case under test really occurs
     out, posed = pose_and_render(model, setup, fr, cfg, frame_id=0, training=True)
     groups = full_loss_groups(cfg, out, posed, model, fr, prior, 0)
-    assert set(groups) == {"photometric", "depth", "normal", "semantic", "regularisers"}
+    # semantic CE on logits composited with constant weights (train.semantic_weights_only)
+    assert set(groups) == {"photometric", "depth", "normal", "semantic_field", "regularisers"}
+    assert out.extras is not None
     assert all(torch.isfinite(v) for v in groups.values()), groups
     coordinated_backward(posed.render_inputs(), groups, enabled=True)
     for n, p in model.named_parameters():

@@ -334,6 +334,35 @@ def _expand_rows(z: torch.Tensor, n: int) -> torch.Tensor:
     return z.expand(n, z.shape[-1])
 
 
+def _mlp_with_code(mlp: nn.Sequential, parts: list[torch.Tensor], code: torch.Tensor, at: int) -> torch.Tensor:
+    """``mlp(cat(parts[:at] + [code] + parts[at:], -1))`` with a per-frame code folded into the
+    first layer's bias: ``W [x; z] + b = W_x x + (W_z z + b)``, so the ``(S, dim z)`` copy of
+    the code and its share of the big matrix product are never formed (same function; the
+    code's gradient is ``W_z^T sum_rows(dL/dh)``). A per-row code (``(S, dim z)``) takes the
+    plain concatenation.
+
+    Args:
+        mlp: the field's MLP (first module an ``nn.Linear`` over the concatenation).
+        parts: ``(S, d_k)`` per-row inputs in concatenation order, the code left out.
+        code: ``(d_z,)``, ``(1, d_z)`` or ``(S, d_z)``.
+        at: index of the code among the concatenated parts.
+    """
+    S = parts[0].shape[0]
+    z = code.to(parts[0].dtype)
+    if z.dim() == 2 and z.shape[0] == S and S != 1:
+        return mlp(torch.cat(parts[:at] + [z] + parts[at:], dim=-1))
+    z = z.reshape(1, -1)
+    first = mlp[0]
+    sizes = [p.shape[-1] for p in parts]
+    c0 = sum(sizes[:at])
+    W = first.weight
+    Wz = W[:, c0:c0 + z.shape[1]]
+    Wx = torch.cat([W[:, :c0], W[:, c0 + z.shape[1]:]], dim=1) if c0 + z.shape[1] < W.shape[1] else W[:, :c0]
+    bias = first.bias + (z @ Wz.t()).reshape(-1)
+    h = F.linear(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], Wx, bias)
+    return mlp[1:](h)
+
+
 def _mlp(d_in: int, width: int, n_hidden: int, d_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(n_hidden):
@@ -410,7 +439,8 @@ class GeometryResidualField(nn.Module):
         Returns:
             :class:`GeometryResidual`.
         """
-        out = self.mlp(torch.cat([f_g, _expand_rows(z_p.to(f_g.dtype), f_g.shape[0])], dim=-1))
+        _expand_rows(z_p, f_g.shape[0])                          # shape check
+        out = _mlp_with_code(self.mlp, [f_g], z_p, at=1)
         d, s, r, z = out.split([1, 2, 3, self.latent_dim], dim=-1)
         return GeometryResidual(d, s, r, z)
 
@@ -503,12 +533,13 @@ class AppearanceField(nn.Module):
         Returns:
             ``(S, 3)`` colours in (0, 1).
         """
-        parts = [f_c, z_g.to(f_c.dtype), _expand_rows(z_p.to(f_c.dtype), f_c.shape[0])]
+        _expand_rows(z_p, f_c.shape[0])                          # shape check
+        parts = [f_c, z_g.to(f_c.dtype)]
         if self.sh_degree >= 0:
             if view_dirs is None:
                 raise ValueError("view_dirs are required when sh_degree >= 0")
             parts.append(sh_basis(F.normalize(view_dirs.to(f_c.dtype), dim=-1), self.sh_degree))
-        return torch.sigmoid(self.mlp(torch.cat(parts, dim=-1)))
+        return torch.sigmoid(_mlp_with_code(self.mlp, parts, z_p, at=2))
 
 
 # =========================================================================== semantic field

@@ -430,18 +430,17 @@ class FMGSAvatar(nn.Module):
         lookup = self._skin_lookup
         if lookup.indices.device != self.centers.device:
             lookup = self._skin_lookup = lookup.to(self.centers.device)
-        h = sf.grid(lookup=lookup)                                                      # (S, 16)
         n = self.num_surfels
         m = int(math.ceil(float(cfg.skinning_subset) * n))
         if not training or m >= n or not bool(self.skin_cache_valid):
-            W = sf.weights_from_features(h, prior)
+            W = sf.weights_from_features(sf.grid(lookup=lookup), prior)                  # (S, 24)
             if training:
                 with torch.no_grad():
                     self.skin_cache.copy_(W.detach())
                     self.skin_cache_valid.fill_(True)
             return W
         rows = torch.randperm(n, generator=generator)[:m].to(self.centers.device)
-        W_rows = sf.weights_from_features(h.index_select(0, rows),
+        W_rows = sf.weights_from_features(sf.grid(lookup=lookup, rows=rows),           # only the subset's features
                                           None if prior is None else prior.index_select(0, rows))
         W = self.skin_cache.index_put((rows,), W_rows)          # out of place: differentiable in W_rows
         with torch.no_grad():
@@ -550,7 +549,7 @@ class FMGSAvatar(nn.Module):
 
 
 def render_full(posed: FullPosed, camera, background=None, backend: str = "auto",
-                max_fragments: int | None = None):
+                max_fragments: int | None = None, semantic_weights_only: bool = False):
     """Render a :class:`FullPosed` with :func:`fmgs.trainer.rasterizer.rasterize_surfels`
     (semantic logits as the ``extras`` channels).
 
@@ -564,6 +563,10 @@ def render_full(posed: FullPosed, camera, background=None, backend: str = "auto"
             ``width``, ``height``).
         background: optional ``(3,)`` colour in [0, 1] (tensor or sequence); default black.
         backend, max_fragments: as :func:`rasterize_surfels`.
+        semantic_weights_only: composite the semantic logits with the blending weights held
+            constant (``rasterize_surfels(extras_weights_only=True)``): a loss on
+            ``extras`` then reaches the semantic logits only, never the geometry (the
+            ``train.semantic_weights_only`` isolation of :mod:`fmgs.trainer.coordinated`).
 
     Returns:
         :class:`fmgs.trainer.rasterizer.RenderOutput`: ``rgb (H,W,3)``, ``alpha (H,W)``,
@@ -579,5 +582,5 @@ def render_full(posed: FullPosed, camera, background=None, backend: str = "auto"
         x["means"], x["rotations"], x["scales"], x["opacities"], x["colors"],
         torch.as_tensor(np.asarray(camera.K), dtype=dt), torch.as_tensor(np.asarray(camera.viewmat), dtype=dt),
         int(camera.width), int(camera.height), extras=x.get("extras"), background=bg, backend=backend,
-        max_fragments=max_fragments,
+        max_fragments=max_fragments, extras_weights_only=semantic_weights_only,
     )

@@ -414,7 +414,8 @@ class HashGrid(nn.Module):
             idx, w = self._corner_lookup(x)
         return HashLookup(idx, w, self._offsets.clone(), self.table_sizes)
 
-    def forward(self, x: torch.Tensor | None = None, lookup: HashLookup | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None, lookup: HashLookup | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Encode points.
 
         Args:
@@ -422,9 +423,13 @@ class HashGrid(nn.Module):
                 differentiable w.r.t. ``x`` and the table.
             lookup: a :class:`HashLookup` from :meth:`precompute`; only gathers and
                 weights (differentiable w.r.t. the table). Give exactly one of the two.
+            rows: with ``lookup`` only: ``(M,)`` int64 indices of the lookup's points to
+                encode (the others are not gathered; the table gradient is then an
+                ``index_add`` instead of the cached sparse product).
 
         Returns:
-            ``(N, L * F)`` features in the table's dtype, column ``l * F + f``.
+            ``(N, L * F)`` (``(M, L * F)`` with ``rows``) features in the table's dtype,
+            column ``l * F + f``.
         """
         if (x is None) == (lookup is None):
             raise ValueError("give exactly one of x or lookup")
@@ -438,6 +443,12 @@ class HashGrid(nn.Module):
                 raise ValueError("lookup was precomputed for a grid with different table sizes")
             n = lookup.n_points
             flat_idx, flat_w = lookup.flat_indices, lookup.flat_weights
+            if rows is not None:
+                L = len(self.table_sizes)
+                flat_idx = flat_idx.view(n, L, 8).index_select(0, rows).reshape(-1, 8)
+                flat_w = flat_w.view(n, L, 8).index_select(0, rows).reshape(-1, 8)
+                n = int(rows.numel())
+                lookup = None          # the cached CSR describes all points: scatter instead
         if flat_w.dtype != self.table.dtype:
             flat_w = flat_w.to(self.table.dtype)
         # fused gather + weighted sum over the 8 corners of each (point, level) bag

@@ -379,14 +379,16 @@ def semantic_ce_loss(
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape[:-1])}")
     lab = labels.reshape(-1).long()
-    ce = F.cross_entropy(logits.reshape(-1, K), lab, reduction="none", ignore_index=ignore_index)
-    w = (lab != ignore_index).to(ce.dtype)
+    w = (lab != ignore_index).to(logits.dtype)
     if mask is not None:
-        w = w * mask.reshape(-1).to(ce.dtype)
+        w = w * mask.reshape(-1).to(logits.dtype)
     den = w.sum()
     if float(den) <= 0:
         return _zero_like_graph(logits)
-    return (w * ce).sum() / den
+    # only the pixels with a weight take part (a foreground mask is ~1/5 of a frame)
+    rows = (w != 0).nonzero().squeeze(1)
+    ce = F.cross_entropy(logits.reshape(-1, K).index_select(0, rows), lab.index_select(0, rows), reduction="none")
+    return (w.index_select(0, rows) * ce).sum() / den
 
 
 def semantic_feature_consistency(
@@ -448,8 +450,14 @@ def semantic_feature_consistency(
         sel = torch.zeros(S, dtype=torch.bool, device=lab.device)
         sel[perm[order]] = rank < int(max_per_class)
         keep = keep & sel
-    f = features[keep]
-    lab = lab[keep]
+    # index_select rather than boolean / advanced indexing: its backward is a plain
+    # index_add (advanced indexing's is an accumulating index_put, ~10x slower here)
+    if bool(keep.all()):
+        f = features
+    else:
+        rows = keep.nonzero().squeeze(1)
+        f = features.index_select(0, rows)
+        lab = lab.index_select(0, rows)
     if lab.numel() == 0:
         return _zero_like_graph(features)
     classes, inv, counts = torch.unique(lab, return_inverse=True, return_counts=True)
@@ -457,7 +465,7 @@ def semantic_feature_consistency(
     n = counts.to(f.dtype)
     sums = torch.zeros(C, f.shape[1], dtype=f.dtype, device=f.device).index_add(0, inv, f)
     mean = sums / n[:, None]
-    dev2 = ((f - mean[inv]) ** 2).sum(-1)
+    dev2 = ((f - mean.index_select(0, inv)) ** 2).sum(-1)
     ss = torch.zeros(C, dtype=f.dtype, device=f.device).index_add(0, inv, dev2)  # sum_i ||f_i - m_c||^2
     per_class = 2.0 * ss if normalization == "paper" else 2.0 * ss / n
     return per_class.mean()
@@ -507,6 +515,6 @@ def isometry_loss(
         Scalar tensor, metres.
     """
     i, j = neighbour_pairs[:, 0].long(), neighbour_pairs[:, 1].long()
-    dc = torch.linalg.vector_norm(canonical_centers[i] - canonical_centers[j], dim=-1)
-    do = torch.linalg.vector_norm(posed_centers[i] - posed_centers[j], dim=-1)
+    dc = torch.linalg.vector_norm(canonical_centers.index_select(0, i) - canonical_centers.index_select(0, j), dim=-1)
+    do = torch.linalg.vector_norm(posed_centers.index_select(0, i) - posed_centers.index_select(0, j), dim=-1)
     return (do - dc.to(do.dtype)).abs().mean()

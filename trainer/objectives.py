@@ -10,6 +10,8 @@ photometric    (1-l) L1 + l D-SSIM (eq. 13) + lambda_mask BCE (eq. 14)      --
 depth          lambda_depth * ordinal ranking vs the depth prior (eq. 15-16)  rotations
 normal         lambda_sn L_sn + lambda_n L_n + lambda_tv L_tv (eq. 17-18)    positions
 semantic       lambda_sem * CE vs the parts prior (eq. 19)                  positions, rotations
+ (or, default  the same, rendered with constant blending weights             everything but the
+ semantic_field, train.semantic_weights_only)                                semantic logits
 regularisers   lambda_reg eq. 20 + lambda_skin L_skin + lambda_iso L_iso     --
 =============  ===========================================================  ==================
 
@@ -22,12 +24,19 @@ are set to the same order as the normal terms (documented there).
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 
 from fmgs.trainer.fields import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule
 from fmgs.trainer.losses import (
     depth_ranking_loss, isometry_loss, mask_bce_loss, normal_consistency_loss, normal_from_depth,
     normal_prior_loss, normal_tv_loss, photometric_loss, semantic_ce_loss, semantic_feature_consistency,
 )
+
+
+def semantic_weights_only(cfg: DictConfig) -> bool:
+    """Whether the semantic losses reach the semantic field only (``train.coordinated`` and
+    ``train.semantic_weights_only``; see :mod:`fmgs.trainer.coordinated`)."""
+    return bool(cfg.train.coordinated) and bool(cfg.train.get("semantic_weights_only", False))
 
 
 def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteration: int,
@@ -79,7 +88,10 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
         # Pixels the prior itself calls person (its mask, else parts > 0) and the image mask agrees.
         parts = torch.from_numpy(prior["parts"])
         prior_fg = torch.from_numpy(prior["mask"]) > 0.5 if prior.get("mask") is not None else parts > 0
-        groups["semantic"] = float(L.lambda_semantic) * semantic_ce_loss(out.extras, parts, inside & prior_fg)
+        # With train.semantic_weights_only the logits were composited with constant weights,
+        # so the loss can only reach the semantic field: it needs no restricted pass.
+        name = "semantic_field" if semantic_weights_only(cfg) else "semantic"
+        groups[name] = float(L.lambda_semantic) * semantic_ce_loss(out.extras, parts, inside & prior_fg)
 
     reg = []
     if posed.semantic_logits is not None and L.lambda_semantic_reg > 0:

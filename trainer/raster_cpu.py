@@ -268,7 +268,7 @@ class _CompositeFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, P, feats, sid, pix, n_pix, width, max_fragments, splits):
+    def forward(ctx, P, feats, sid, pix, n_pix, width, max_fragments, splits, weight_free=()):
         dt = P.dtype
         dev = P.device
         Nv = P.shape[1]
@@ -342,6 +342,7 @@ class _CompositeFn(torch.autograd.Function):
         ctx.sizes = (n_pix, F0)
         ctx.set_materialize_grads(False)   # unused outputs -> None gradients (skipped below)
         ctx.splits = tuple(int(k) for k in splits)
+        ctx.weight_free = frozenset(int(k) for k in weight_free)
         chunks = tuple(c.contiguous() for c in torch.split(out_feat, ctx.splits, dim=1))
         return (*chunks, out_alpha, out_dacc, out_med)
 
@@ -357,20 +358,30 @@ class _CompositeFn(torch.autograd.Function):
         C = feats.shape[1]
         nf = sid.numel()
         nones = (None,) * 6
+        if not ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
+            return (None, None, *nones, None)
         g_P = torch.zeros(_N_ROWS, Nv, dtype=dt, device=dev)
         g_feats = torch.zeros(Nv, C, dtype=dt, device=dev) if ctx.needs_input_grad[1] else None
         if nf == 0:
-            return (g_P, g_feats, *nones)
+            return (g_P, g_feats, *nones, None)
         # only the feature columns whose chunk received a gradient take part
         bounds = torch.tensor((0,) + ctx.splits).cumsum(0).tolist()
         cols = [(bounds[k], bounds[k + 1], g) for k, g in enumerate(g_chunks) if g is not None]
-        g_feat = None
+        # chunks in ctx.weight_free reach their feature columns only (the weights w_i are
+        # constants for them), so they take no part in c_i = dL/dw_i
+        wcols = [(bounds[k], bounds[k + 1], g) for k, g in enumerate(g_chunks)
+                 if g is not None and k not in ctx.weight_free]
+        g_feat = g_wfeat = None
         if cols:
             g_feat = torch.cat([g for _, _, g in cols], 1)
-            feats_used, col_idx = feats, None
+            col_idx = None
             if len(cols) < len(g_chunks):
                 col_idx = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in cols])
-                feats_used = feats.index_select(1, col_idx)
+        if wcols:
+            g_wfeat = torch.cat([g for _, _, g in wcols], 1)
+            feats_w = feats
+            if len(wcols) < len(g_chunks):
+                feats_w = feats.index_select(1, torch.cat([torch.arange(a, b, device=dev) for a, b, _ in wcols]))
         # c_i = dL/dw_i over all channels (features, alpha, depth_acc)
         c = torch.zeros(nf, dtype=dt, device=dev)
         g_z = torch.zeros(nf, dtype=dt, device=dev)
@@ -382,10 +393,12 @@ class _CompositeFn(torch.autograd.Function):
             g_z.addcmul_(gd, w)
         if g_med is not None and msel.numel():
             g_z.index_add_(0, msel, g_med.index_select(0, pix.index_select(0, msel)))
+        if g_wfeat is not None and C:
+            pattern = _csr(crow, sid, torch.zeros_like(w), (n_pix, Nv))
+            c += torch.sparse.sampled_addmm(pattern, g_wfeat.contiguous(), feats_w.t().contiguous(),
+                                            beta=0.0).values()
         if g_feat is not None and C:
             g_feat = g_feat.contiguous()
-            pattern = _csr(crow, sid, torch.zeros_like(w), (n_pix, Nv))
-            c += torch.sparse.sampled_addmm(pattern, g_feat, feats_used.t().contiguous(), beta=0.0).values()
             if g_feats is not None:
                 # surfel-major order of the used fragments = their order in the box list
                 pos = torch.full((F0,), -1, dtype=torch.long, device=dev)
@@ -400,6 +413,8 @@ class _CompositeFn(torch.autograd.Function):
                     g_feats = (At @ g_feat).contiguous()
                 else:
                     g_feats.index_copy_(1, col_idx, At @ g_feat)
+        if g_alpha is None and g_dacc is None and g_med is None and g_wfeat is None:
+            return (g_P, g_feats, *nones, None)     # only weight-free channels: no geometry term
         # dL/dalpha_k = T_k c_k - S_k / (1 - alpha_k),  S_k = sum_{i>k, same pixel} w_i c_i
         cs = torch.cumsum((w * c).double(), 0)
         tot = cs.index_select(0, (crow[1:] - 1).clamp_min(0))
@@ -425,7 +440,7 @@ class _CompositeFn(torch.autograd.Function):
         g_P[_ROW_MX].scatter_add_(0, sid, r2 * dx)
         g_P[_ROW_MY].scatter_add_(0, sid, r2 * dy)
         g_P[_ROW_ZC].scatter_add_(0, sid, g_z - z3)
-        return (g_P, g_feats, *nones)
+        return (g_P, g_feats, *nones, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,7 +449,8 @@ class _CompositeFn(torch.autograd.Function):
 def rasterize_cpu(means: Tensor, rotations: Tensor, scales: Tensor, opacities: Tensor,
                   colors: Tensor, K: Tensor, viewmat: Tensor, width: int, height: int,
                   extras: Tensor | None = None, background: Tensor | None = None,
-                  near: float = 0.01, max_fragments: int | None = None):
+                  near: float = 0.01, max_fragments: int | None = None,
+                  extras_weights_only: bool = False):
     """Render 2D Gaussian surfels with the plain-PyTorch back-end.
 
     Arguments and result as :func:`fmgs.trainer.rasterizer.rasterize_surfels` (which
@@ -469,7 +485,7 @@ def rasterize_cpu(means: Tensor, rotations: Tensor, scales: Tensor, opacities: T
     P = P.t().contiguous()                                             # (14, Nv)
     splits = (3, 3) + ((E,) if E else ())
     *chunks, out_alpha, out_dacc, out_med = _CompositeFn.apply(
-        P, feats, sid, pix, n_pix, width, max_fragments, splits)
+        P, feats, sid, pix, n_pix, width, max_fragments, splits, (2,) if extras_weights_only and E else ())
     alpha = out_alpha.reshape(height, width)
     dacc = out_dacc.reshape(height, width)
     rgb = chunks[0].reshape(height, width, 3)

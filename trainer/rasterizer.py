@@ -22,6 +22,7 @@ Conventions (shared by both back-ends):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
                       colors: Tensor, K: Tensor, viewmat: Tensor, width: int, height: int,
                       extras: Tensor | None = None, background: Tensor | None = None,
                       near: float = 0.01, backend: str = "auto",
-                      max_fragments: int | None = None) -> RenderOutput:
+                      max_fragments: int | None = None, extras_weights_only: bool = False) -> RenderOutput:
     """Render 2D Gaussian surfels into one camera (differentiable).
 
     Each surfel i is the planar Gaussian p_i + u s_u t_u + v s_v t_v with density
@@ -139,6 +140,12 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
             cpu), ``'cpu'`` or ``'gsplat'``.
         max_fragments: optional cap on the contributing (alpha >= 1/255) fragments per
             pixel (the first ones by depth are kept; cpu back-end only); None = exact.
+        extras_weights_only: composite ``extras`` with the blending weights treated as
+            constants, so a loss on ``RenderOutput.extras`` has a gradient w.r.t. ``extras``
+            only, never w.r.t. the geometry (means, rotations, scales, opacities). The
+            values are unchanged. Used for the semantic logits (see
+            :mod:`fmgs.trainer.coordinated`). The gsplat back-end renders the extras in a
+            second call with detached geometry.
 
     Returns:
         :class:`RenderOutput`; differentiable w.r.t. means, rotations, scales, opacities,
@@ -178,10 +185,16 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
     viewmat = viewmat.to(dt)
     if name == "gsplat":
         from .raster_gsplat import rasterize_gsplat
-        return rasterize_gsplat(means, rotations, scales, opacities, colors, K, viewmat,
-                                int(width), int(height), extras=extras, background=background,
-                                near=near)
+        out = rasterize_gsplat(means, rotations, scales, opacities, colors, K, viewmat,
+                               int(width), int(height), extras=None if extras_weights_only else extras,
+                               background=background, near=near)
+        if extras_weights_only and extras is not None:
+            ext = rasterize_gsplat(means.detach(), rotations.detach(), scales.detach(), opacities.detach(),
+                                   colors.detach(), K, viewmat, int(width), int(height), extras=extras,
+                                   near=near).extras
+            out = dataclasses.replace(out, extras=ext)
+        return out
     from .raster_cpu import rasterize_cpu
     return rasterize_cpu(means, rotations, scales, opacities, colors, K, viewmat, int(width),
                          int(height), extras=extras, background=background, near=near,
-                         max_fragments=max_fragments)
+                         max_fragments=max_fragments, extras_weights_only=extras_weights_only)

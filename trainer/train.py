@@ -29,6 +29,7 @@ from fmgs.trainer.data import HumanNeRFSequence
 from fmgs.trainer.losses import mask_bce_loss, photometric_loss
 from fmgs.trainer.metrics import psnr
 from fmgs.trainer.model import SurfelAvatar, frame_bone_transforms
+from fmgs.trainer.objectives import semantic_weights_only
 from fmgs.trainer.rasterizer import RenderOutput, rasterize_surfels
 
 
@@ -145,7 +146,8 @@ def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id:
         posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32),
                       torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training)
         out = render_full(posed, cam, background=torch.as_tensor(np.asarray(cfg.data.background, np.float32)),
-                          backend=cfg.train.backend, max_fragments=cfg.train.max_fragments)
+                          backend=cfg.train.backend, max_fragments=cfg.train.max_fragments,
+                          semantic_weights_only=semantic_weights_only(cfg))
         return out, posed
     return render_frame(model, setup, frame, cfg), None
 
