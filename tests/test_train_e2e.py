@@ -102,7 +102,9 @@ def test_eval_outputs(tiny_run):
 
 def test_interrupt_and_resume_match_uninterrupted(tmp_path, zju377, data_root):
     """Ctrl-C saves a checkpoint and says how to continue; resuming gives the uninterrupted result."""
-    common = [*TINY, "train.iterations=14", "train.checkpoint_every=1", "train.eval_at_end=false"]
+    # with the learning-rate decay on: the schedule must continue exactly after the resume
+    common = [*TINY, "train.iterations=14", "train.checkpoint_every=1", "train.eval_at_end=false",
+              "train.lr_final_ratio=0.1"]
     ref = tmp_path / "ref"
     r = _cli(["--out", str(ref), *common], data_root)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -233,3 +235,22 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     coordinated_backward(posed.render_inputs(), groups, enabled=True)
     for n, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), n
+
+
+def test_lr_schedule_decays_networks_and_positions_only():
+    """train.lr_final_ratio: exponential decay (3DGS-Avatar's ExponentialLR) of the network and
+    position rates, r ** (it / iterations); opacity and scale rates stay; r = 1 is constant."""
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.train import DECAYED_GROUPS, apply_lr_schedule, lr_factor
+
+    cfg = load_config(None, ["train.lr_final_ratio=0.01", "train.iterations=200"])
+    assert lr_factor(cfg, 0) == 1.0 and abs(lr_factor(cfg, 200) - 0.01) < 1e-12
+    assert abs(lr_factor(cfg, 50) - 0.01 ** 0.25) < 1e-12
+    names = ["hash_grid", "mlp", "opacity", "pose", "scale", "displacement"]
+    opt = torch.optim.Adam([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1 * (k + 1), "name": n,
+                             "initial_lr": 0.1 * (k + 1)} for k, n in enumerate(names)])
+    apply_lr_schedule(cfg, opt, 100)
+    for k, g in enumerate(opt.param_groups):
+        want = 0.1 * (k + 1) * (0.1 if g["name"] in DECAYED_GROUPS else 1.0)
+        assert abs(g["lr"] - want) < 1e-12, g["name"]
+    assert lr_factor(load_config(None, []), 123) == 1.0       # shipped default: constant

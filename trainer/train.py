@@ -106,6 +106,7 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> tor
             use_geometry_field=bool(f.geometry_field), use_skinning_field=bool(f.skinning_field),
             use_semantic_field=bool(f.semantic_field),
             geometry_width=int(f.get("geometry_width", 64)),
+            appearance_hidden=int(f.get("appearance_hidden", 1)),
             skinning_query=str(f.get("skinning_query", "canonical")),
             skinning_subset=float(f.get("skinning_subset", 0.25)),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
@@ -116,14 +117,42 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> tor
     return SurfelAvatar(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
 
 
+#: Parameter groups whose learning rate follows ``train.lr_final_ratio`` (:func:`lr_factor`):
+#: the networks (hash grids, MLPs, pose correction) and the surfel positions, as 3DGS-Avatar
+#: decays its networks' rates and its Gaussians' position rate; opacity and scale rates stay.
+DECAYED_GROUPS = ("hash_grid", "mlp", "pose", "displacement")
+
+
+def lr_factor(cfg: DictConfig, iteration: int) -> float:
+    """Learning-rate multiplier at ``iteration``: ``r ** (iteration / train.iterations)`` with
+    ``r = train.lr_final_ratio`` (exponential decay to ``r`` times the initial rate at the last
+    iteration, 3DGS-Avatar's ``ExponentialLR`` with ``gamma = lr_ratio ** (1 / iterations)``);
+    1 when ``r >= 1`` (no decay). A function of the iteration only, so resuming is exact."""
+    r = float(cfg.train.get("lr_final_ratio", 1.0) or 1.0)
+    if r >= 1.0:
+        return 1.0
+    return r ** (float(iteration) / max(int(cfg.train.iterations), 1))
+
+
+def apply_lr_schedule(cfg: DictConfig, opt: torch.optim.Optimizer, iteration: int) -> None:
+    """Set the rates of the :data:`DECAYED_GROUPS` for ``iteration`` (``initial_lr * lr_factor``)."""
+    f = lr_factor(cfg, iteration)
+    for g in opt.param_groups:
+        if g.get("name") in DECAYED_GROUPS:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * f     # setdefault: checkpoints from before
+
+
 def make_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam over the model's parameter groups with the ``train.lr`` learning rates."""
+    """Adam over the model's parameter groups with the ``train.lr`` learning rates (each group
+    also keeps its ``initial_lr`` for :func:`apply_lr_schedule`)."""
     lr = cfg.train.lr
     if is_full(cfg):
         groups = model.param_groups(lr_grid=lr.hash_grid, lr_mlp=lr.mlp, lr_opacity=lr.opacity, lr_pose=lr.pose,
                                     lr_scale=lr.scale, lr_displacement=lr.displacement)
     else:
         groups = model.param_groups(lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
     return torch.optim.Adam(groups, eps=1e-15)
 
 
@@ -301,6 +330,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
                 loss.backward()
             if tc.grad_clip and tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+            apply_lr_schedule(cfg, opt, it)
             opt.step()
             it += 1
             now = time.perf_counter()
