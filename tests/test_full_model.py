@@ -109,6 +109,12 @@ def test_full_model_shapes_and_invariants(real):
     with torch.no_grad():
         p2 = m2(rot, B, c, J)
     assert p2.semantic_logits is None and "extras" not in p2.render_inputs() and m2.semantic_grid is None
+    # semantic=False (loss.semantic_every): the same posed surfels without the semantic branch
+    with torch.no_grad():
+        p3 = model(rot, B, c, J, training=True, generator=torch.Generator().manual_seed(0), semantic=False)
+    assert p3.semantic_logits is None and p3.semantic_features is None and "extras" not in p3.render_inputs()
+    for a, b in ((p.means, p3.means), (p.rotations, p3.rotations), (p.scales, p3.scales), (p.colors, p3.colors)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_zero_residual_without_skinning_field_equals_foundation(real):

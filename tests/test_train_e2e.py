@@ -254,3 +254,14 @@ def test_lr_schedule_decays_networks_and_positions_only():
         want = 0.1 * (k + 1) * (0.1 if g["name"] in DECAYED_GROUPS else 1.0)
         assert abs(g["lr"] - want) < 1e-12, g["name"]
     assert lr_factor(load_config(None, []), 123) == 1.0       # shipped default: constant
+
+
+def test_semantic_iteration_schedule():
+    """loss.semantic_every = k: the semantic branch runs on iterations 0, k, 2k, ...; 1 = always."""
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.train import semantic_iteration
+
+    c4 = load_config(None, ["loss.semantic_every=4"])
+    assert [semantic_iteration(c4, i) for i in range(9)] == [True, False, False, False, True, False, False,
+                                                             False, True]
+    assert all(semantic_iteration(load_config(None, []), i) for i in range(5))

@@ -375,7 +375,7 @@ class FMGSAvatar(nn.Module):
             self._lookup = self._lookup.to(device)
         return self._lookup
 
-    def canonical_features(self) -> list[torch.Tensor]:
+    def canonical_features(self, semantic: bool = True) -> list[torch.Tensor]:
         """Property features at the fixed canonical centres (Sec. 4.1.2).
 
         ``f = sum_{corners k} w_k table[idx_k]`` per level, with ONE precomputed lookup
@@ -385,10 +385,16 @@ class FMGSAvatar(nn.Module):
         one sparse product with the lookup's cached CSR matrix (columns split back per
         grid by ``torch.cat``'s backward). Identical values to separate gathers.
 
+        Args:
+            semantic: also gather ``f_s`` (when the semantic field is on).
+
         Returns:
-            ``[f_g, f_c]`` (+ ``f_s`` when the semantic field is on), each ``(S, 32)``.
+            ``[f_g, f_c]`` (+ ``f_s`` when the semantic field is on and ``semantic``), each
+            ``(S, 32)``.
         """
         grids = self._grids()
+        if not semantic and self.semantic_grid is not None:
+            grids = grids[:2]
         lookup = self._lookup_on(self.geometry_grid.table.device)
         if not self.cfg.fused_grid_gather:
             return [g(lookup=lookup) for g in grids]
@@ -492,7 +498,7 @@ class FMGSAvatar(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, rot_mats: torch.Tensor, bone_transforms: torch.Tensor, camera_center: torch.Tensor,
                 canonical_joints: torch.Tensor, training: bool = False,
-                generator: torch.Generator | None = None) -> FullPosed:
+                generator: torch.Generator | None = None, semantic: bool = True) -> FullPosed:
         """Pose the avatar for one frame (eq. 3-12).
 
         Args:
@@ -505,6 +511,9 @@ class FMGSAvatar(nn.Module):
                 normalised: :func:`normalize_canonical_joints` is idempotent).
             training: add the pose-encoder noise (:func:`add_pose_noise`).
             generator: optional CPU generator for that noise.
+            semantic: evaluate the semantic field (eq. 8); False leaves ``semantic_logits``
+                and ``semantic_features`` None for this call (``loss.semantic_every``: the
+                semantic branch is independent of the rest, see :mod:`fmgs.trainer.coordinated`).
 
         Returns:
             :class:`FullPosed`.
@@ -517,9 +526,10 @@ class FMGSAvatar(nn.Module):
         joints = normalize_canonical_joints(torch.as_tensor(canonical_joints, dtype=dt, device=self.centers.device))
         z_p = self.pose_encoder(rot_in, joints)                                           # (1, 16)
 
-        feats = self.canonical_features()
+        use_sem = self.semantic_field is not None and semantic
+        feats = self.canonical_features(semantic=use_sem)
         f_g, f_c = feats[0], feats[1]
-        f_s = feats[2] if self.semantic_field is not None else None
+        f_s = feats[2] if use_sem else None
 
         mu_b, R_b, s_b = self.base_surfels()
         if self.geometry_field is not None:
@@ -539,7 +549,7 @@ class FMGSAvatar(nn.Module):
             d = F.normalize(lbs.means.detach() - camera_center.to(dt)[None], dim=-1)
             d_hat = canonicalize_view_dirs(d, lbs.transforms.detach())
         colors = self.appearance_field(f_c, z_g, z_p, d_hat)                               # eq. 7
-        logits = self.semantic_field(f_s) if self.semantic_field is not None else None    # eq. 8
+        logits = self.semantic_field(f_s) if use_sem else None                             # eq. 8
         return FullPosed(
             means=lbs.means, rotations=lbs.rotations, scales=s_c, opacities=torch.sigmoid(self.opacity_logit),
             colors=colors, semantic_logits=logits, skin_weights=W, canonical_centers=mu_c,

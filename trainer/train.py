@@ -156,14 +156,25 @@ def make_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optim
     return torch.optim.Adam(groups, eps=1e-15)
 
 
+def semantic_iteration(cfg: DictConfig, iteration: int) -> bool:
+    """Whether training iteration ``iteration`` (0-based) evaluates the semantic branch: every
+    ``loss.semantic_every``-th one (1 = all). With ``train.semantic_weights_only`` the semantic
+    losses reach nothing but the semantic field, so skipping them elsewhere leaves every other
+    parameter's updates unchanged; only the semantic field is trained less often."""
+    k = int(cfg.loss.get("semantic_every", 1) or 1)
+    return k <= 1 or iteration % k == 0
+
+
 def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id: int | None = None,
-                    training: bool = False):
+                    training: bool = False, semantic: bool = True):
     """Pose the avatar for ``frame`` and render it; returns ``(RenderOutput, posed)``.
 
     Args:
         frame_id: index of ``frame`` in the training split (full model's pose correction);
             None for held-out frames.
         training: full model only: apply training-time pose noise.
+        semantic: full model only: evaluate and render the semantic field (False: no
+            semantic logits this time, see :func:`semantic_iteration`).
     """
     if is_full(cfg):
         from fmgs.trainer.full_model import canonical_pose_joints, pose_frame, render_full
@@ -173,7 +184,8 @@ def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id:
                             setup.canonical_G, frame.world_from_body)
         cam = frame.camera
         posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32),
-                      torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training)
+                      torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training,
+                      semantic=semantic)
         out = render_full(posed, cam, background=torch.as_tensor(np.asarray(cfg.data.background, np.float32)),
                           backend=cfg.train.backend, max_fragments=cfg.train.max_fragments,
                           semantic_weights_only=semantic_weights_only(cfg))
@@ -317,7 +329,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
             opt.zero_grad(set_to_none=True)
             if full:
                 gen = torch.Generator().manual_seed(int(tc.seed) * 1_000_003 + it)
-                out, posed = pose_and_render(model, setup, fr, cfg, frame_id=idx, training=True)
+                out, posed = pose_and_render(model, setup, fr, cfg, frame_id=idx, training=True,
+                                             semantic=semantic_iteration(cfg, it))
                 groups = full_loss_groups(cfg, out, posed, model, fr, priors[idx], it, generator=gen)
                 loss = sum(groups.values())
                 coordinated_backward(posed.render_inputs(), groups, enabled=bool(tc.coordinated))
