@@ -163,3 +163,23 @@ def test_lpips_unavailable_without_network(monkeypatch, tmp_path):
         assert m(img, img) is None
     assert calls == []
     assert "missing.pth" in LPIPSMetric(weights_path=tmp_path / "missing.pth").reason
+
+
+def test_semantic_confusion_and_scores_by_hand():
+    """Rendered part map vs labels on a 2x3 image with known counts."""
+    from fmgs.trainer.metrics import semantic_confusion, semantic_scores
+
+    C = 4
+    labels = np.array([[0, 1, 1], [2, 2, 3]])
+    pred_cls = np.array([[2, 1, 2], [2, 0, 3]])          # (0,0) is background in the labels: not counted
+    logits = np.eye(C)[pred_cls] * 5.0
+    alpha = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.2]])  # (1,2) too transparent -> background
+    cm = semantic_confusion(logits, alpha, labels, C)
+    want = np.zeros((C, C), np.int64)
+    want[1, 1] += 1; want[1, 2] += 1; want[2, 2] += 1; want[2, 0] += 1; want[3, 0] += 1
+    np.testing.assert_array_equal(cm, want)
+    s = semantic_scores(cm)
+    assert s["pixel_accuracy"] == 2 / 5 and s["classes"] == 3
+    # IoU: class 1: 1/(2+1-1)=0.5; class 2: 1/(2+2-1)=1/3; class 3: 0/(1+0-0)=0
+    assert abs(s["miou"] - (0.5 + 1 / 3 + 0.0) / 3) < 1e-12
+    assert semantic_scores(np.zeros((C, C)))["pixel_accuracy"] is None

@@ -26,7 +26,7 @@ from fmgs.assets import CONFIG_DIR
 from fmgs.atomic import atomic_path, write_json_atomic
 from fmgs.errors import FmgsInputError
 from fmgs.trainer.checkpoint import load_checkpoint
-from fmgs.trainer.metrics import LPIPSMetric, psnr, ssim_metric
+from fmgs.trainer.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
 from fmgs.trainer.train import build_model, build_setup, open_sequence, render_frame
 
 
@@ -126,6 +126,15 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
 
     n = len(seq) if max_frames is None else min(len(seq), int(max_frames))
     per_frame, sides, modes, times = [], [], [], []
+    # semantic maps vs the part labels of the test frames' priors, where they exist
+    sem_labels = None
+    if getattr(model, "semantic_field", None) is not None:
+        from fmgs.priors import load_priors
+
+        pri = load_priors(cfg.data.root, [seq[i].name for i in range(n)], int(cfg.data.image_size),
+                          cfg.data.priors_dir, verbose=False)
+        sem_labels = [p.get("parts") for p in pri]
+    confusion = None
     from tqdm import tqdm
 
     with torch.no_grad():
@@ -138,6 +147,10 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             gt = fr.image
             rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt)}
             rec["lpips"] = lpips(pred, gt) if lpips.available else None
+            if sem_labels is not None and sem_labels[i] is not None and out.extras is not None:
+                cm = semantic_confusion(out.extras.numpy(), out.alpha.numpy(), sem_labels[i], out.extras.shape[-1])
+                rec["semantic_accuracy"] = semantic_scores(cm)["pixel_accuracy"]
+                confusion = cm if confusion is None else confusion + cm
             per_frame.append(rec)
             err = np.abs(pred - gt).mean(-1, keepdims=True).repeat(3, -1)
             side = _to_uint8(np.concatenate([gt, pred, np.clip(err * 4.0, 0, 1)], axis=1))
@@ -164,6 +177,11 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         "lpips": mean("lpips"),
         "lpips_note": None if lpips.available else lpips.reason,
         "render_seconds_per_frame": float(np.mean(times)) if times else None,
+        # rendered part labels vs the priors' part labels (foreground pixels of the frames
+        # that have priors); None without a semantic field or priors for the test frames
+        "semantic": None if confusion is None else {
+            **semantic_scores(confusion), "frames": sum(1 for r in per_frame if "semantic_accuracy" in r),
+            "labels": "priors parts (" + str(cfg.data.priors_dir or "<root>/priors") + ")"},
         "versions": {"scikit-image": skimage.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "frames": per_frame,
@@ -176,4 +194,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
                             codec="libx264", macro_block_size=1)
     print(f"held-out ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
+    if metrics["semantic"]:
+        s = metrics["semantic"]
+        print(f"semantic vs prior part labels ({s['frames']} frames): pixel accuracy {s['pixel_accuracy']:.3f}, "
+              f"mIoU {s['miou']:.3f} over {s['classes']} classes")
     return metrics

@@ -186,3 +186,46 @@ class LPIPSMetric:
 
 class _Unavailable(Exception):
     pass
+
+
+def semantic_confusion(logits: np.ndarray, alpha: np.ndarray, labels: np.ndarray, num_classes: int,
+                       alpha_min: float = 0.5) -> np.ndarray:
+    """Confusion counts of a rendered semantic map against a part-label map.
+
+    The predicted class of a pixel is ``argmax`` of its rendered logits (eq. 8 after
+    compositing) where the rendered opacity is at least ``alpha_min``, else background (0).
+    Only pixels the labels call foreground (``labels > 0``) are counted, so the score
+    measures the part labels on the person, not the silhouette.
+
+    Args:
+        logits: ``(H, W, C)`` rendered logits. alpha: ``(H, W)`` rendered opacity.
+        labels: ``(H, W)`` int class ids in ``[0, num_classes)`` (0 = background).
+        num_classes: C.
+        alpha_min: opacity below which a pixel is predicted background.
+
+    Returns:
+        ``(C, C)`` int64 counts, row = label, column = prediction.
+    """
+    pred = np.where(alpha >= alpha_min, np.argmax(logits, axis=-1), 0)
+    fg = labels > 0
+    idx = labels[fg].astype(np.int64) * num_classes + pred[fg].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def semantic_scores(confusion: np.ndarray) -> dict:
+    """Pixel accuracy and mean IoU from :func:`semantic_confusion` counts (summed over frames).
+
+    ``pixel_accuracy = trace / total``; ``miou`` = mean over the foreground classes that occur
+    in the labels of ``TP / (TP + FP + FN)`` (FP counted over the labelled-foreground pixels
+    only). Returns ``{"pixel_accuracy", "miou", "classes"}`` (None values when nothing was
+    counted).
+    """
+    c = np.asarray(confusion, np.float64)
+    total = c.sum()
+    if total <= 0:
+        return {"pixel_accuracy": None, "miou": None, "classes": 0}
+    tp = np.diag(c)
+    present = [k for k in range(1, c.shape[0]) if c[k].sum() > 0]
+    ious = [tp[k] / (c[k].sum() + c[:, k].sum() - tp[k]) for k in present]
+    return {"pixel_accuracy": float(tp.sum() / total), "miou": float(np.mean(ious)) if ious else None,
+            "classes": len(present)}

@@ -9,9 +9,9 @@ group          terms (weights in ``loss.*`` of the config)                  may 
 photometric    (1-l) L1 + l D-SSIM (eq. 13) + lambda_mask BCE (eq. 14)      --
 depth          lambda_depth * ordinal ranking vs the depth prior (eq. 15-16)  rotations
 normal         lambda_sn L_sn + lambda_n L_n + lambda_tv L_tv (eq. 17-18)    positions
-semantic       lambda_sem * CE vs the parts prior (eq. 19)                  positions, rotations
- (or, default  the same, rendered with constant blending weights             everything but the
- semantic_field, train.semantic_weights_only)                                semantic logits
+semantic_field lambda_sem * CE vs the parts prior (eq. 19), logits composited  all but the
+               with constant weights (default, train.semantic_weights_only)   semantic logits
+semantic       the same with train.semantic_weights_only=false (Sec. 4.5)     positions, rotations
 regularisers   lambda_reg eq. 20 + lambda_skin L_skin + lambda_iso L_iso     --
 =============  ===========================================================  ==================
 
