@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
@@ -253,3 +254,33 @@ def test_isometry_zero_under_rigid_motion_positive_under_stretch():
     xp = stretched.clone().requires_grad_(True)
     isometry_loss(x, xp, pairs).backward()
     assert bool(torch.isfinite(xp.grad).all()) and xp.grad.abs().sum() > 0
+
+
+def test_normal_group_on_the_foreground_crop_equals_full_image():
+    """objectives.normal_group_loss(crop=True) evaluates L_sn + L_n + L_tv on the mask's
+    bounding box (+2 px, principal point shifted): same value and gradients as the full
+    image, float64, with NaN prior values and a mask touching nothing but the middle."""
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.objectives import normal_group_loss
+
+    cfg = load_config(None, ["loss.lambda_normal_consistency=0.05", "loss.lambda_normal_prior=0.05",
+                             "loss.lambda_normal_tv=0.01"])
+    g = torch.Generator().manual_seed(0)
+    H, W = 40, 56
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    depth = (2.0 + 0.01 * xx + 0.02 * torch.sin(yy / 4) + 0.002 * torch.rand(H, W, generator=g,
+                                                                        dtype=torch.float64)).requires_grad_(True)
+    normal = torch.randn(H, W, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    inside = ((yy - 20) ** 2 / 100 + (xx - 30) ** 2 / 150) < 1
+    prior = torch.nn.functional.normalize(torch.randn(H, W, 3, generator=g, dtype=torch.float64), dim=-1).numpy()
+    prior[18:22, 25:28] = np.nan
+    K = torch.tensor([[60.0, 0, 27.5], [0, 62.0, 19.0], [0, 0, 1]], dtype=torch.float64)
+    vals, grads = [], []
+    for crop in (False, True):
+        v = normal_group_loss(cfg, depth, normal, K, inside, prior, 1.0, 0, crop=crop)
+        vals.append(v.detach())
+        grads.append(torch.autograd.grad(v, (depth, normal)))
+    torch.testing.assert_close(vals[1], vals[0], atol=1e-13, rtol=0)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+    assert float(vals[0]) > 0

@@ -171,6 +171,7 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0:12:3,455:470:5")
     run = tmp_path / "full"
     r = _cli(["--out", str(run), *TINY, "model.kind=full", f"data.priors_dir={priors}", "train.iterations=20",
+              "loss.body_model_prior_scale=1", "loss.normal_consistency_start=0",
               "train.eval_every=20", "train.eval_frames=2", "eval.max_frames=2"], data_root)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -215,7 +216,8 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
 
     priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0")
     cfg = load_config(None, [f"data.root={zju377}", "data.image_size=128", "model.kind=full",
-                             f"data.priors_dir={priors}", "data.train_range=[0,1]",
+                             f"data.priors_dir={priors}", "data.train_range=[0,1]", "loss.body_model_prior_scale=1",
+                             "loss.normal_consistency_start=0",
                              f"data.smpl_path={data_root}/body_models/smpl/SMPL_NEUTRAL.pkl",
                              f"data.parts_path={data_root}/body_models/smpl/smplh_parts_segm.pkl"])
     seq = open_sequence(cfg, "train")
@@ -265,3 +267,17 @@ def test_semantic_iteration_schedule():
     assert [semantic_iteration(c4, i) for i in range(9)] == [True, False, False, False, True, False, False,
                                                              False, True]
     assert all(semantic_iteration(load_config(None, []), i) for i in range(5))
+
+
+def test_prior_term_scale_and_normal_consistency_start():
+    """Body-model priors scale the depth / normal PRIOR terms by loss.body_model_prior_scale,
+    foundation-model priors never; L_sn starts at loss.normal_consistency_start * iterations."""
+    from fmgs.trainer.config import load_config
+    from fmgs.trainer.objectives import normal_consistency_start, prior_term_scale
+
+    cfg = load_config(None, ["loss.body_model_prior_scale=0.25", "loss.normal_consistency_start=0.2",
+                             "train.iterations=1000"])
+    assert prior_term_scale(cfg, {"kind": "body-model"}) == 0.25
+    assert prior_term_scale(cfg, {"kind": "foundation-model"}) == 1.0
+    assert prior_term_scale(cfg, None) == 1.0 and prior_term_scale(cfg, {"kind": None}) == 1.0
+    assert normal_consistency_start(cfg) == 200

@@ -42,6 +42,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+#: Overrides under every variant (before the user's): prior terms at full weight whatever
+#: the prior kind.
+ABLATION_BASE = ["loss.body_model_prior_scale=1"]
+
+
 def run_ablation(out: Path, config: str | None, overrides: list[str], variants: list[str]) -> list[dict]:
     """Train and evaluate ``variants`` into ``out``; returns the table rows.
 
@@ -59,7 +64,10 @@ def run_ablation(out: Path, config: str | None, overrides: list[str], variants: 
     rows = []
     for name in variants:
         run_dir = out / name.replace("+", "plus_")
-        cfg = load_config(config, ["model.kind=full", *overrides, *VARIANTS[name]])
+        # Table 3 measures each term with the priors that exist: body-model priors at full weight
+        # (the shipped loss.body_model_prior_scale may switch their prior terms off); a user
+        # override still wins
+        cfg = load_config(config, ["model.kind=full", *ABLATION_BASE, *overrides, *VARIANTS[name]])
         metrics_path = run_dir / "eval" / "metrics.json"
         done = metrics_path.is_file() and json.loads(metrics_path.read_text()).get("iteration") == cfg.train.iterations
         if not done:
