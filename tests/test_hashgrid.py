@@ -189,6 +189,8 @@ def test_table_gradient_default_config_matches_reference():
     np.testing.assert_array_equal(out.detach().numpy(), g(lookup=g.precompute(xt)).detach().numpy()[rows])
     (out * torch.from_numpy(up[rows])).sum().backward()
     np.testing.assert_allclose(g.table.grad.numpy(), gsub, rtol=0, atol=1e-10, err_msg="rows")
+    with pytest.raises(ValueError, match="needs lookup"):
+        g(xt, rows=torch.from_numpy(rows))
 
 
 def test_gradcheck_table_and_points_float64():

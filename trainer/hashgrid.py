@@ -427,12 +427,18 @@ class HashGrid(nn.Module):
                 encode (the others are not gathered; the table gradient is then an
                 ``index_add`` instead of the cached sparse product).
 
+        Raises:
+            ValueError: both or neither of ``x`` / ``lookup``; ``rows`` without ``lookup``;
+                a lookup made for other table sizes.
+
         Returns:
             ``(N, L * F)`` (``(M, L * F)`` with ``rows``) features in the table's dtype,
             column ``l * F + f``.
         """
         if (x is None) == (lookup is None):
             raise ValueError("give exactly one of x or lookup")
+        if rows is not None and lookup is None:
+            raise ValueError("rows selects points of a precomputed lookup; it needs lookup, not x")
         if lookup is None:
             idx, w = self._corner_lookup(x)
             n = x.shape[0]

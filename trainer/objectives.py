@@ -68,7 +68,12 @@ def normal_consistency_start(cfg: DictConfig) -> int:
 
 def foreground_crop(mask: torch.Tensor, margin: int = 2) -> tuple[slice, slice] | None:
     """``(rows, cols)`` slices of the bounding box of ``mask`` grown by ``margin`` pixels
-    (clipped to the image); None for an empty mask."""
+    (clipped to the image); None for an empty mask.
+
+    Args:
+        mask: ``(H, W)`` bool foreground mask (pixels).
+        margin: pixels added on each side.
+    """
     rows = mask.any(1).nonzero()
     cols = mask.any(0).nonzero()
     if rows.numel() == 0:
@@ -157,8 +162,7 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
             out.depth, torch.from_numpy(prior["depth"]), inside, int(L.depth_pairs), alpha=float(L.depth_alpha),
             generator=generator)
     K = torch.as_tensor(frame.camera.K, dtype=out.depth.dtype)
-    normal = normal_group_loss(cfg, out.depth, out.normal, K, inside,
-                               prior.get("normal") if ps > 0 else None, ps, iteration)
+    normal = normal_group_loss(cfg, out.depth, out.normal, K, inside, prior.get("normal"), ps, iteration)
     if normal is not None:
         groups["normal"] = normal
     if prior.get("parts") is not None and out.extras is not None and L.lambda_semantic > 0:

@@ -371,17 +371,21 @@ class _CompositeFn(torch.autograd.Function):
         # constants for them), so they take no part in c_i = dL/dw_i
         wcols = [(bounds[k], bounds[k + 1], g) for k, g in enumerate(g_chunks)
                  if g is not None and k not in ctx.weight_free]
+
+        def column_index(parts):
+            """Feature columns of the chunks in ``parts`` (None when that is every column)."""
+            if len(parts) == len(g_chunks):
+                return None
+            return torch.cat([torch.arange(a, b, device=dev) for a, b, _ in parts])
+
         g_feat = g_wfeat = None
         if cols:
             g_feat = torch.cat([g for _, _, g in cols], 1)
-            col_idx = None
-            if len(cols) < len(g_chunks):
-                col_idx = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in cols])
+            col_idx = column_index(cols)
         if wcols:
             g_wfeat = torch.cat([g for _, _, g in wcols], 1)
-            feats_w = feats
-            if len(wcols) < len(g_chunks):
-                feats_w = feats.index_select(1, torch.cat([torch.arange(a, b, device=dev) for a, b, _ in wcols]))
+            w_idx = column_index(wcols)
+            feats_w = feats if w_idx is None else feats.index_select(1, w_idx)
         # c_i = dL/dw_i over all channels (features, alpha, depth_acc)
         c = torch.zeros(nf, dtype=dt, device=dev)
         g_z = torch.zeros(nf, dtype=dt, device=dev)
