@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="rgb")
     ap.add_argument("--precision", default="f4", choices=("f4", "f2", "f1"))
     ap.add_argument("--primitive", default="auto", choices=("auto", "points", "quads"))
+    ap.add_argument("--renderer", default="auto", choices=("auto", "gl", "cpu"),
+                    help="surfel renderer (auto: the numba CPU renderer on a software GL context)")
+    ap.add_argument("--render-threads", type=int, default=None, help="threads of the CPU renderer (default: all)")
     ap.add_argument("--cull-backfaces", type=float, default=None, metavar="COS")
     ap.add_argument("--fast", action="store_true", help="the approximate fast preset (Player(fast=True))")
     ap.add_argument("--sync", action="store_true", help="do not overlap consecutive frames")
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
     motion = load_motion(args.motion, fps=30.0, source_fps=30.0 if args.motion.endswith(".npy") else None)
     ctx = create_headless_context()
     player = Player(pipe, motion, ctx, args.size, args.size, mode=args.mode, precision=args.precision,
-                    cull_backfaces=args.cull_backfaces, fast=args.fast, primitive=args.primitive)
+                    cull_backfaces=args.cull_backfaces, fast=args.fast, primitive=args.primitive,
+                    renderer=args.renderer, threads=args.render_threads)
     step = player.render if args.sync else player.render_pipelined
     for i in range(args.warmup):
         step(i)
@@ -174,14 +178,14 @@ def main(argv=None) -> int:
     player.flush()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(pipe.describe())
-    print(f"GL: {ctx.info['GL_RENDERER']} | {args.size}x{args.size} {args.mode} precision {args.precision} "
+    print(f"renderer {player.renderer.kind}, GL: {ctx.info['GL_RENDERER']} | {args.size}x{args.size} {args.mode} precision {args.precision} "
           f"primitive {player.renderer.last_primitive} cull {player.cull_backfaces} fast {args.fast} "
           f"{'sync' if args.sync else 'overlapped'} ort-spin {'off' if args.no_ort_spin else 'default'} | "
           f"load average at start {load[0]:.2f} on {os.cpu_count()} cores")
     print(format_stats(player.stats, wall, label="bench_play: "))
     print(f"process CPU time: {1e3 * cpu / args.frames:.1f} ms per frame (all threads)")
     res = summarize(player.stats, wall)
-    res.update(surfels=pipe.S, size=args.size, mode=args.mode, precision=args.precision, fast=args.fast,
+    res.update(renderer=player.renderer.kind, surfels=pipe.S, size=args.size, mode=args.mode, precision=args.precision, fast=args.fast,
                primitive=player.renderer.last_primitive, overlapped=not args.sync, ort_spin=not args.no_ort_spin,
                cpu_ms_per_frame=1e3 * cpu / args.frames, loadavg=load[0], describe=pipe.describe())
     if args.isolate:

@@ -4,7 +4,8 @@
 (pose, inference, skinning) -> :meth:`SurfelRenderer.sort` -> :meth:`SurfelRenderer.draw` /
 resolve, timing each stage (:class:`fmgs.runtime.pipeline.FrameTimings`).
 
-* :func:`run_headless` renders every display frame offscreen (EGL) into an MP4
+* :func:`run_headless` renders every display frame offscreen (the CPU renderer, or OpenGL
+  through EGL) into an MP4
   (imageio-ffmpeg, libx264) or a folder of PNGs, written atomically.
 * :func:`run_window` opens a GLFW window (OpenGL 4.3 core) and plays in real time: left
   drag orbits, right drag pans, the wheel zooms, space pauses, ``1``-``4`` / ``M`` pick the
@@ -14,8 +15,10 @@ resolve, timing each stage (:class:`fmgs.runtime.pipeline.FrameTimings`).
   :data:`NO_DISPLAY` so the CLI can fall back to headless.
 
 Both overlap consecutive frames (:meth:`Player.render_pipelined`): the CPU work of frame
-``i`` (pose, inference, skinning, sort) runs while llvmpipe's rasteriser threads still shade
-frame ``i - 1``. Both print frame-time statistics at exit (:func:`format_stats`): mean and
+``i`` (pose, inference, skinning, sort) runs while frame ``i - 1`` is still being shaded
+(by llvmpipe's rasteriser threads, or by the CPU renderer's splat on a background thread).
+The surfel renderer is the numba CPU splatter (:mod:`fmgs.runtime.splat_cpu`) whenever
+OpenGL would run on the CPU anyway, else OpenGL (:func:`choose_renderer`). Both print frame-time statistics at exit (:func:`format_stats`): mean and
 p95 of the frame time and the mean split between pose, inference, skinning, sort and draw
 (draw = the caller's time in submit + wait + resolve + read-back, so with the overlap it
 shrinks by the shading that ran in the background).
@@ -38,14 +41,47 @@ from pathlib import Path
 import numpy as np
 
 from fmgs.errors import FmgsInputError
-from fmgs.runtime.gl_renderer import ALPHA_MIN, MODES, ROWS, SurfelRenderer, create_headless_context, gl_flush
+from fmgs.runtime.gl_renderer import (
+    ALPHA_MIN, MODES, ROWS, SurfelRenderer, create_headless_context, gl_flush, is_software_renderer,
+)
 from fmgs.runtime.pipeline import STAGES, AvatarPipeline, FrameTimings
 
-__all__ = ["OrbitCamera", "Player", "FAST_CULL_COS", "FAST_ALPHA_MIN", "run_headless", "run_window", "format_stats", "summarize",
+__all__ = ["OrbitCamera", "Player", "RENDERERS", "choose_renderer", "FAST_CULL_COS", "FAST_ALPHA_MIN", "run_headless", "run_window", "format_stats", "summarize",
            "NO_DISPLAY", "is_frames_dir"]
 
 #: Returned by :func:`run_window` when no window can be opened (no display / GLFW failure).
 NO_DISPLAY = "no-display"
+
+#: Surfel renderers: ``gl`` (OpenGL, :class:`SurfelRenderer`), ``cpu`` (numba,
+#: :class:`fmgs.runtime.splat_cpu.CpuSurfelRenderer`), ``auto`` (:func:`choose_renderer`).
+RENDERERS = ("auto", "gl", "cpu")
+
+
+def choose_renderer(kind: str = "auto", ctx=None) -> str:
+    """The renderer to use: ``'gl'`` or ``'cpu'``.
+
+    ``auto`` picks the CPU renderer when OpenGL would run on the CPU anyway (no context given,
+    i.e. headless, or a software context such as Mesa's llvmpipe: the numba splatter stops
+    each pixel once it is opaque and needs about half of llvmpipe's CPU time) and numba is
+    installed; otherwise OpenGL (a GPU driver).
+
+    Args:
+        kind: ``'auto'``, ``'gl'`` or ``'cpu'``.
+        ctx: the moderngl context that would be used (None: none yet).
+    Raises:
+        ValueError: unknown kind; RuntimeError: ``'cpu'`` without numba.
+    """
+    from fmgs.runtime import splat_cpu
+
+    if kind not in RENDERERS:
+        raise ValueError(f"renderer must be one of {RENDERERS}, got {kind!r}")
+    if kind == "cpu" and not splat_cpu.available():
+        raise RuntimeError("the CPU renderer needs numba (pip install numba)")
+    if kind != "auto":
+        return kind
+    if not splat_cpu.available():
+        return "gl"
+    return "cpu" if ctx is None or is_software_renderer(ctx) else "gl"
 
 
 @dataclass
@@ -166,13 +202,16 @@ class Player:
             with ``cos > cull_backfaces`` (:meth:`SurfelRenderer.sort`, on the CPU).
         fast: approximate speed-up preset (off by default): ``cull_backfaces =``
             :data:`FAST_CULL_COS` (unless given) and ``alpha_min =`` :data:`FAST_ALPHA_MIN`.
-        primitive: renderer primitive (``'auto'``: points when they fit, else quads).
+        primitive: GL renderer primitive (``'auto'``: points when they fit, else quads).
+        renderer: ``'auto'`` (:func:`choose_renderer`), ``'gl'`` or ``'cpu'``; the CPU
+            renderer needs no context (``ctx`` may be None) except to show frames in a window.
+        threads: threads of the CPU renderer (default: all cores).
     """
 
     def __init__(self, pipeline: AvatarPipeline, motion, ctx, width: int = 512, height: int = 512,
                  mode: str = "rgb", background=(1.0, 1.0, 1.0), precision: str = "f4", follow: bool = True,
                  camera: OrbitCamera | None = None, cull_backfaces: float | None = None, fast: bool = False,
-                 primitive: str = "auto"):
+                 primitive: str = "auto", renderer: str = "auto", threads: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "semantic" and pipeline.semantic_logits is None:
@@ -186,8 +225,17 @@ class Player:
         self.cull_backfaces = FAST_CULL_COS if fast and cull_backfaces is None else cull_backfaces
         self.alpha_min = FAST_ALPHA_MIN if fast else ALPHA_MIN
         self.primitive = primitive
-        self.renderer = SurfelRenderer(ctx, width, height, pipeline.S, precision=precision,
-                                       palette=pipeline.palette)
+        if choose_renderer(renderer, ctx) == "cpu":
+            from fmgs.runtime.splat_cpu import CpuSurfelRenderer
+
+            # splat on a background thread: render_pipelined poses the next frame meanwhile
+            self.renderer = CpuSurfelRenderer(width, height, pipeline.S, palette=pipeline.palette, ctx=ctx,
+                                              threads=threads, async_draw=True)
+        else:
+            if ctx is None:
+                raise RuntimeError("the OpenGL renderer needs a moderngl context")
+            self.renderer = SurfelRenderer(ctx, width, height, pipeline.S, precision=precision,
+                                           palette=pipeline.palette)
         if pipeline.semantic_logits is not None:
             self.renderer.set_logits(pipeline.semantic_logits)
         pipeline.init_table(self.renderer.table)
@@ -241,7 +289,8 @@ class Player:
         r.draw(job["K"], job["V"], mode=job["mode"], order=job["order"], background=self.background,
                primitive=self.primitive, alpha_min=self.alpha_min)
         job["depth_range"] = r.last_depth_range
-        gl_flush()
+        if r.kind == "gl":
+            gl_flush()
         job["tm"].draw += time.perf_counter() - t0
 
     def _finish(self, job: dict, target=None, read: bool = True) -> np.ndarray | None:
@@ -253,7 +302,7 @@ class Player:
         img = None
         if target is None and read:
             img = r.read_display()
-        else:
+        elif self.ctx is not None:
             self.ctx.finish()
         tm = job["tm"]
         tm.draw += time.perf_counter() - t0
@@ -361,7 +410,9 @@ class _Sink:
 
 
 def run_headless(player_args: dict, out, frames: int | None = None, ctx=None, log=print) -> dict:
-    """Render a motion offscreen (EGL) into ``out`` (``.mp4`` or a frames folder).
+    """Render a motion offscreen into ``out`` (``.mp4`` or a frames folder): with the CPU
+    renderer (no OpenGL needed) or OpenGL through EGL (``player_args['renderer']``,
+    :func:`choose_renderer` with no context).
 
     Args:
         player_args: keyword arguments of :class:`Player` except ``ctx``.
@@ -373,9 +424,10 @@ def run_headless(player_args: dict, out, frames: int | None = None, ctx=None, lo
     Returns:
         :func:`summarize` dict plus ``out`` and ``providers`` (the pipeline's description).
     Raises:
-        FmgsInputError: bad output path; RuntimeError: no OpenGL 4.3 context.
+        FmgsInputError: bad output path; RuntimeError: no OpenGL 4.3 context (GL renderer).
     """
-    ctx = ctx or create_headless_context()
+    if ctx is None and choose_renderer(player_args.get("renderer", "auto"), None) == "gl":
+        ctx = create_headless_context()
     player = Player(ctx=ctx, **player_args)
     m = player.motion
     n = int(frames) if frames else m.num_frames

@@ -7,8 +7,13 @@ Examples::
     fmgs-play BUNDLE MOTION --headless --out frames/ --frames 60 --mode semantic
 
 Without a display (no ``$DISPLAY``, or GLFW cannot open an OpenGL 4.3 window) the player
-says so and renders headless (EGL) to ``--out`` (default ``<motion stem>.mp4``). At exit it
+says so and renders headless to ``--out`` (default ``<motion stem>.mp4``). At exit it
 prints the frame-time statistics (mean, p95) and the per-stage split.
+
+Renderers (``--renderer``): ``gl`` draws the surfels with OpenGL (a GPU, or Mesa's llvmpipe
+through EGL headless); ``cpu`` splats them with numba kernels, front to back with the 2DGS
+early stop (:mod:`fmgs.runtime.splat_cpu`); ``auto`` takes ``cpu`` whenever OpenGL would run
+on the CPU anyway (headless, or a software window context) and numba is installed.
 
 Exit codes: 0 success, 2 bad input (message names the file), 3 no OpenGL available.
 """
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle folder written by fmgs-export")
     p.add_argument("motion", help="motion file: AMASS .npz, AIST++ .pkl/.npz, SMPL (T,72) .npy/.npz")
-    p.add_argument("--headless", action="store_true", help="render offscreen (EGL) to --out")
+    p.add_argument("--headless", action="store_true", help="render offscreen to --out (no window)")
     p.add_argument("--out", default=None, help="clip.mp4 or frames/ (headless; default <motion>.mp4)")
     p.add_argument("--size", type=int, nargs="+", default=[512], metavar="PX",
                    help="render size: one value (square) or WIDTH HEIGHT (default 512)")
@@ -52,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="approximate speed-up preset: back-face culling (cos > 0.3) on the CPU; "
                         "changes the image (semi-transparent surfels seen from behind vanish; "
                         "measured PSNR in fmgs.runtime.app.FAST_CULL_COS). Default: the exact 2DGS image")
+    p.add_argument("--renderer", choices=("auto", "gl", "cpu"), default="auto",
+                   help="surfel renderer: gl (OpenGL), cpu (numba: front to back with 2DGS early stop; "
+                        "about half of llvmpipe's CPU time) or auto (default: cpu when OpenGL would run "
+                        "on the CPU anyway -- headless, or a software context -- else gl)")
+    p.add_argument("--render-threads", type=int, default=None, metavar="N",
+                   help="threads of the cpu renderer (default: all cores)")
     p.add_argument("--no-follow", action="store_true", help="do not keep the camera on the body")
     p.add_argument("--no-view-dependence", action="store_true",
                    help="feed the canonical view direction to the colour model (pose-only colour)")
@@ -105,7 +116,8 @@ def _run(args) -> int:
     print(f"fmgs-play: motion {motion.kind} {motion.num_frames} frames at {motion.fps:g} fps ({args.motion})")
     player_args = dict(pipeline=pipeline, motion=motion, width=width, height=height, mode=args.mode,
                        background=tuple(args.background), precision=args.precision,
-                       follow=not args.no_follow, cull_backfaces=args.cull_backfaces, fast=args.fast)
+                       follow=not args.no_follow, cull_backfaces=args.cull_backfaces, fast=args.fast,
+                       renderer=args.renderer, threads=args.render_threads)
     if not args.headless:
         res = run_window(player_args)
         if res != NO_DISPLAY:

@@ -53,7 +53,7 @@ import numpy as np
 from fmgs.errors import FmgsInputError
 
 __all__ = ["ROWS", "NUM_ROWS", "MODES", "ALPHA_MIN", "SHADER_DIR", "create_headless_context", "tune_allocator",
-           "gl_flush", "SurfelRenderer", "back_to_front_order"]
+           "gl_flush", "SurfelTableMixin", "SurfelRenderer", "back_to_front_order", "is_software_renderer"]
 
 #: Rows of the planar surfel table ``(NUM_ROWS, S)`` float32 the renderer uploads.
 ROWS = {"means": slice(0, 3), "t_u": slice(3, 6), "t_v": slice(6, 9), "scales": slice(9, 11),
@@ -167,6 +167,13 @@ def create_headless_context(require: int = 430):
                        % (require // 100, require % 100 // 10, "; ".join(errors)))
 
 
+def is_software_renderer(ctx) -> bool:
+    """True when a moderngl context renders on the CPU (Mesa llvmpipe / softpipe / swrast,
+    SwiftShader, Microsoft's GDI renderer), from its ``GL_RENDERER`` string."""
+    name = str(ctx.info.get("GL_RENDERER", "")).lower()
+    return any(k in name for k in ("llvmpipe", "softpipe", "swrast", "swiftshader", "gdi generic", "software"))
+
+
 def back_to_front_order(zc: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
     """Front-to-back order of surfels by centre depth, ties by index (draw it reversed).
 
@@ -230,7 +237,125 @@ def _set(prog, name: str, value) -> None:
         u.value = value
 
 
-class SurfelRenderer:
+class SurfelTableMixin:
+    """What both surfel renderers (:class:`SurfelRenderer`, OpenGL, and
+    :class:`fmgs.runtime.splat_cpu.CpuSurfelRenderer`, numba) share: the planar surfel table
+    (:attr:`table`, :data:`ROWS`), the trainer's draw order, back-face culling on the CPU, the
+    semantic palette and the one-shot :meth:`render_arrays`. Subclasses provide
+    ``_alloc_surfels``, ``set_logits``, ``draw``, ``read_layers``, ``read_logits`` and
+    ``_semantic_alpha``."""
+
+    def _init_palette(self, palette) -> None:
+        """(32, 3) float32 class colours in [0, 1] from ``palette`` ((C, 3), [0, 1] or 0-255;
+        default the Sapiens palette, ``fmgs.priors.SAPIENS_PALETTE``)."""
+        if palette is None:
+            from fmgs.priors import SAPIENS_PALETTE
+            palette = SAPIENS_PALETTE
+        pal = np.asarray(palette, np.float64)
+        if pal.max() > 1.0:
+            pal = pal / 255.0
+        self._palette = np.zeros((32, 3), np.float32)
+        self._palette[: min(len(pal), 32)] = pal[:32]
+
+    def sort(self, viewmat, coherent: bool = True, cull_backfaces: float | None = None) -> np.ndarray:
+        """Back-to-front draw order of the current table for a camera.
+
+        Args:
+            viewmat: (4, 4) world -> camera (OpenCV).
+            coherent: accepted for compatibility (the order never depends on the last frame).
+            cull_backfaces: optional speed-up (None: off, exact): leave out surfels whose
+                outward normal ``t_u x t_v`` points away from the camera with
+                ``cos(normal, centre - camera) > cull_backfaces`` (:meth:`facing_mask`), so
+                they cost nothing in :meth:`draw` (the shader-side ``draw(cull_backfaces=)``
+                still runs the vertex shader for them).
+        Returns:
+            (S',) uint32 draw order (farthest centre first); S' = S without culling.
+        """
+        V = np.asarray(viewmat, np.float32)
+        zc = V[2, :3] @ self.table[0:3] + V[2, 3]
+        front = back_to_front_order(zc)
+        self._order_front = front
+        self.last_depth_range = (float(zc.min()), float(zc.max())) if zc.size else (0.0, 1.0)
+        order = front[::-1].astype(np.uint32)
+        if cull_backfaces is not None:
+            order = order[self.facing_mask(viewmat, cull_backfaces)[order]]
+        return order
+
+    def facing_mask(self, viewmat, cull_backfaces: float) -> np.ndarray:
+        """Surfels kept by back-face culling: ``cos(t_u x t_v, mu - c) <= cull_backfaces``.
+
+        Args:
+            viewmat: (4, 4) world -> camera (OpenCV); ``c = -R^T t`` is the camera centre.
+            cull_backfaces: cosine threshold in [-1, 1] (0: drop every surfel whose outward
+                normal points away from the camera; larger keeps grazing ones).
+        Returns:
+            (S,) bool, True = drawn.
+        """
+        V = np.asarray(viewmat, np.float64)
+        cam = (-V[:3, :3].T @ V[:3, 3]).astype(np.float32)
+        t = self.table
+        tu, tv = t[ROWS["t_u"]], t[ROWS["t_v"]]
+        n0 = tu[1] * tv[2] - tu[2] * tv[1]
+        n1 = tu[2] * tv[0] - tu[0] * tv[2]
+        n2 = tu[0] * tv[1] - tu[1] * tv[0]
+        d0, d1, d2 = t[0] - cam[0], t[1] - cam[1], t[2] - cam[2]
+        nd = n0 * d0 + n1 * d1 + n2 * d2
+        norm = np.sqrt((n0 * n0 + n1 * n1 + n2 * n2) * (d0 * d0 + d1 * d1 + d2 * d2))
+        return nd <= np.float32(cull_backfaces) * norm
+
+    def set_surfels(self, means, rotations, scales, opacities, colors=None) -> None:
+        """Fill :attr:`table` from per-surfel arrays (re-allocating for a new count).
+
+        Args:
+            means: (S, 3) world centres (metres).
+            rotations: (S, 3, 3) world frames, columns ``[t_u, t_v, n]`` (proper rotations;
+                the shader uses ``n = t_u x t_v``).
+            scales: (S, 2) ``(s_u, s_v)`` metres.
+            opacities: (S,) in [0, 1].
+            colors: optional (S, 3) colours (any range; composited linearly).
+        Raises:
+            ValueError: inconsistent shapes.
+        """
+        means = np.asarray(means, np.float32)
+        S = means.shape[0]
+        R = np.asarray(rotations, np.float32)
+        sc = np.asarray(scales, np.float32)
+        op = np.asarray(opacities, np.float32).reshape(-1)
+        if means.shape != (S, 3) or R.shape != (S, 3, 3) or sc.shape != (S, 2) or op.shape != (S,):
+            raise ValueError(f"surfel arrays disagree: means {means.shape}, rotations {R.shape}, "
+                             f"scales {sc.shape}, opacities {op.shape}")
+        self._alloc_surfels(S)
+        t = self.table
+        t[ROWS["means"]] = means.T
+        t[ROWS["t_u"]] = R[:, :, 0].T
+        t[ROWS["t_v"]] = R[:, :, 1].T
+        t[ROWS["scales"]] = sc.T
+        t[ROWS["opacity"]] = op
+        if colors is not None:
+            c = np.asarray(colors, np.float32)
+            if c.shape != (S, 3):
+                raise ValueError(f"colors must be (S, 3), got {c.shape}")
+            t[ROWS["colors"]] = c.T
+
+    def render_arrays(self, means, rotations, scales, opacities, colors, K, viewmat,
+                      mode: str = "depth", logits=None, background=None, near: float = 0.01) -> dict:
+        """One-shot render of explicit surfels (tests, tools): fill, sort, draw, read.
+
+        Arguments as :meth:`set_surfels` and :meth:`draw`; ``logits`` (S, C) for the
+        semantic mode. Returns :meth:`read_layers` (``mode != 'semantic'``) or
+        ``{'logits': (H, W, C), 'alpha': (H, W)}``.
+        """
+        self.set_surfels(means, rotations, scales, opacities, colors)
+        if logits is not None:
+            self.set_logits(logits)
+        self.draw(K, viewmat, mode=mode, order=self.sort(viewmat, coherent=False), near=near,
+                  background=(0.0, 0.0, 0.0) if background is None else background)
+        if mode == "semantic":
+            return {"logits": self.read_logits(), "alpha": self._semantic_alpha()}
+        return self.read_layers(background=background)
+
+
+class SurfelRenderer(SurfelTableMixin):
     """2DGS surfel renderer, one point or quad per surfel (see the module docstring).
 
     Args:
@@ -257,6 +382,8 @@ class SurfelRenderer:
         ValueError: bad size, count or precision.
     """
 
+    kind = "gl"
+
     def __init__(self, ctx, width: int, height: int, num_surfels: int, precision: str = "f4",
                  palette=None):
         import moderngl
@@ -271,14 +398,7 @@ class SurfelRenderer:
         self.num_surfels = 0
         self._order_front: np.ndarray | None = None
         self._num_logits = 0
-        if palette is None:
-            from fmgs.priors import SAPIENS_PALETTE
-            palette = SAPIENS_PALETTE
-        pal = np.asarray(palette, np.float64)
-        if pal.max() > 1.0:
-            pal = pal / 255.0
-        self._palette = np.zeros((32, 3), np.float32)
-        self._palette[: min(len(pal), 32)] = pal[:32]
+        self._init_palette(palette)
 
         self._src = {"vs": _shader("surfel.vert"), "fs": _shader("surfel.frag"),
                      "rvs": _shader("resolve.vert"), "rfs": _shader("resolve.frag")}
@@ -402,52 +522,6 @@ class SurfelRenderer:
         self._num_logits = int(lg.shape[1])
 
     # ------------------------------------------------------------------ per frame
-    def sort(self, viewmat, coherent: bool = True, cull_backfaces: float | None = None) -> np.ndarray:
-        """Back-to-front draw order of the current table for a camera.
-
-        Args:
-            viewmat: (4, 4) world -> camera (OpenCV).
-            coherent: accepted for compatibility (the order never depends on the last frame).
-            cull_backfaces: optional speed-up (None: off, exact): leave out surfels whose
-                outward normal ``t_u x t_v`` points away from the camera with
-                ``cos(normal, centre - camera) > cull_backfaces`` (:meth:`facing_mask`), so
-                they cost nothing in :meth:`draw` (the shader-side ``draw(cull_backfaces=)``
-                still runs the vertex shader for them).
-        Returns:
-            (S',) uint32 draw order (farthest centre first); S' = S without culling.
-        """
-        V = np.asarray(viewmat, np.float32)
-        zc = V[2, :3] @ self.table[0:3] + V[2, 3]
-        front = back_to_front_order(zc)
-        self._order_front = front
-        self.last_depth_range = (float(zc.min()), float(zc.max())) if zc.size else (0.0, 1.0)
-        order = front[::-1].astype(np.uint32)
-        if cull_backfaces is not None:
-            order = order[self.facing_mask(viewmat, cull_backfaces)[order]]
-        return order
-
-    def facing_mask(self, viewmat, cull_backfaces: float) -> np.ndarray:
-        """Surfels kept by back-face culling: ``cos(t_u x t_v, mu - c) <= cull_backfaces``.
-
-        Args:
-            viewmat: (4, 4) world -> camera (OpenCV); ``c = -R^T t`` is the camera centre.
-            cull_backfaces: cosine threshold in [-1, 1] (0: drop every surfel whose outward
-                normal points away from the camera; larger keeps grazing ones).
-        Returns:
-            (S,) bool, True = drawn.
-        """
-        V = np.asarray(viewmat, np.float64)
-        cam = (-V[:3, :3].T @ V[:3, 3]).astype(np.float32)
-        t = self.table
-        tu, tv = t[ROWS["t_u"]], t[ROWS["t_v"]]
-        n0 = tu[1] * tv[2] - tu[2] * tv[1]
-        n1 = tu[2] * tv[0] - tu[0] * tv[2]
-        n2 = tu[0] * tv[1] - tu[1] * tv[0]
-        d0, d1, d2 = t[0] - cam[0], t[1] - cam[1], t[2] - cam[2]
-        nd = n0 * d0 + n1 * d1 + n2 * d2
-        norm = np.sqrt((n0 * n0 + n1 * n1 + n2 * n2) * (d0 * d0 + d1 * d1 + d2 * d2))
-        return nd <= np.float32(cull_backfaces) * norm
-
     def points_fit(self, K, viewmat, near: float = 0.01, alpha_min: float = ALPHA_MIN) -> bool:
         """Whether every drawn surfel's support fits a GL point (:meth:`draw`'s ``'auto'``).
 
@@ -684,57 +758,8 @@ class SurfelRenderer:
         return np.ascontiguousarray(np.concatenate(chans, -1)[..., : self._num_logits])
 
     # ------------------------------------------------------------------ convenience
-    def set_surfels(self, means, rotations, scales, opacities, colors=None) -> None:
-        """Fill :attr:`table` from per-surfel arrays (re-allocating for a new count).
-
-        Args:
-            means: (S, 3) world centres (metres).
-            rotations: (S, 3, 3) world frames, columns ``[t_u, t_v, n]`` (proper rotations;
-                the shader uses ``n = t_u x t_v``).
-            scales: (S, 2) ``(s_u, s_v)`` metres.
-            opacities: (S,) in [0, 1].
-            colors: optional (S, 3) colours (any range; composited linearly).
-        Raises:
-            ValueError: inconsistent shapes.
-        """
-        means = np.asarray(means, np.float32)
-        S = means.shape[0]
-        R = np.asarray(rotations, np.float32)
-        sc = np.asarray(scales, np.float32)
-        op = np.asarray(opacities, np.float32).reshape(-1)
-        if means.shape != (S, 3) or R.shape != (S, 3, 3) or sc.shape != (S, 2) or op.shape != (S,):
-            raise ValueError(f"surfel arrays disagree: means {means.shape}, rotations {R.shape}, "
-                             f"scales {sc.shape}, opacities {op.shape}")
-        self._alloc_surfels(S)
-        t = self.table
-        t[ROWS["means"]] = means.T
-        t[ROWS["t_u"]] = R[:, :, 0].T
-        t[ROWS["t_v"]] = R[:, :, 1].T
-        t[ROWS["scales"]] = sc.T
-        t[ROWS["opacity"]] = op
-        if colors is not None:
-            c = np.asarray(colors, np.float32)
-            if c.shape != (S, 3):
-                raise ValueError(f"colors must be (S, 3), got {c.shape}")
-            t[ROWS["colors"]] = c.T
-
-    def render_arrays(self, means, rotations, scales, opacities, colors, K, viewmat,
-                      mode: str = "depth", logits=None, background=None, near: float = 0.01) -> dict:
-        """One-shot render of explicit surfels (tests, tools): fill, sort, draw, read.
-
-        Arguments as :meth:`set_surfels` and :meth:`draw`; ``logits`` (S, C) for the
-        semantic mode. Returns :meth:`read_layers` (``mode != 'semantic'``) or
-        ``{'logits': (H, W, C), 'alpha': (H, W)}``.
-        """
-        self.set_surfels(means, rotations, scales, opacities, colors)
-        if logits is not None:
-            self.set_logits(logits)
-        self.draw(K, viewmat, mode=mode, order=self.sort(viewmat, coherent=False), near=near,
-                  background=(0.0, 0.0, 0.0) if background is None else background)
-        if mode == "semantic":
-            a = self._read(self._fbo_logits[0], 0)[..., 3].copy()
-            return {"logits": self.read_logits(), "alpha": a}
-        return self.read_layers(background=background)
+    def _semantic_alpha(self) -> np.ndarray:
+        return self._read(self._fbo_logits[0], 0)[..., 3].copy()
 
     def release(self) -> None:
         """Free the GL objects (the context stays)."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from fmgs.body_model import bone_transforms  # noqa: F401  (re-exported: the per-frame posing)
 from fmgs.errors import FmgsInputError
-from fmgs.runtime.gl_renderer import NUM_ROWS, ROWS
+from fmgs.runtime.gl_renderer import ALPHA_MIN, NUM_ROWS, ROWS
 from fmgs.runtime.inference import load_model
 from fmgs.runtime.xp import get_array_module, to_numpy
 
@@ -221,9 +221,16 @@ class AvatarPipeline:
             canonical ``-n`` direction -- colours then depend on the pose only).
         blas_threads: threads of the process's BLAS libraries (:func:`limit_blas_threads`;
             default 1; None leaves them alone).
+        drop_invisible: leave out, at load time, the surfels whose (static) opacity is below
+            the renderers' alpha cut-off :data:`fmgs.runtime.gl_renderer.ALPHA_MIN` (1/255):
+            every fragment of theirs is discarded, so the image is exactly the same, while the
+            models, skinning, sort and draw skip them (the 377 avatar: 9,133 of 55,104).
+            False keeps every surfel (tests that compare per-surfel arrays with the trainer).
 
     Attributes:
-        S: number of surfels.
+        S: number of surfels posed and drawn (after ``drop_invisible``).
+        kept: (S,) int64 indices of those surfels in the bundle.
+        num_bundle_surfels: the bundle's surfel count.
         kind: bundle kind.
         models: ``{name: model}`` loaded models (``.providers`` says where they run).
         semantic_logits: (S, C) float32 or None; ``palette`` (C, 3) float in [0, 1].
@@ -236,7 +243,7 @@ class AvatarPipeline:
 
     def __init__(self, bundle, array_backend: str = "auto", inference_backend: str = "auto",
                  providers: str = "auto", threads: int | None = None, view_dependent: bool = True,
-                 blas_threads: int | None = 1):
+                 blas_threads: int | None = 1, drop_invisible: bool = True):
         from fmgs.bundle import MANIFEST_NAME, read_bundle
 
         if blas_threads is not None:
@@ -257,9 +264,18 @@ class AvatarPipeline:
         self.parents = bmod["parents"]
         self.rest_joints = bmod["rest_joints"]
         self.canonical_G_inv = np.linalg.inv(bmod["canonical_bone_transforms"])
-        sf = bundle.surfels
-        self.S = S = int(sf["centers"].shape[0])
         f32 = np.float32
+        sf = bundle.surfels
+        self.num_bundle_surfels = int(sf["centers"].shape[0])
+        if drop_invisible:
+            self.kept = np.flatnonzero(np.asarray(sf["opacities"], f32) >= np.float32(ALPHA_MIN))
+            if self.kept.size == 0:
+                raise FmgsInputError("every surfel of the bundle has opacity < 1/255 (nothing to draw)", mpath)
+        else:
+            self.kept = np.arange(self.num_bundle_surfels)
+        if self.kept.size < self.num_bundle_surfels:
+            sf = {k: np.asarray(v)[self.kept] for k, v in sf.items()}
+        self.S = S = int(self.kept.size)
         # inputs of the models (row-major, as the ONNX graphs take them)
         self._const = {
             "centers": xp.asarray(sf["centers"], dtype=f32),

@@ -258,7 +258,8 @@ def test_runtime_plays_the_exported_bundle(full_export):
     _, _, setup, model, test = _rebuild(run)
     fr = test[-1]
     cam = np.asarray(fr.camera.center, np.float64)
-    pipe = AvatarPipeline(bdir, array_backend="numpy", inference_backend="onnxruntime", providers="cpu", threads=1)
+    pipe = AvatarPipeline(bdir, array_backend="numpy", inference_backend="onnxruntime", providers="cpu", threads=1,
+                          drop_invisible=False)
     got = pipe.posed_surfels(np.asarray(fr.poses).reshape(24, 3), fr.world_from_body, cam)
     with torch.no_grad():
         rot_t, B_t = pose_frame(fr.poses, None, None, setup.rest_joints, setup.canonical_G, fr.world_from_body)
@@ -397,7 +398,8 @@ def test_foundation_export(foundation_export):
     # the runtime plays it like the trainer's forward on a held-out pose
     fr = test[0]
     cam = np.asarray(fr.camera.center, np.float64)
-    pipe = AvatarPipeline(bdir, array_backend="numpy", inference_backend="onnxruntime", providers="cpu", threads=1)
+    pipe = AvatarPipeline(bdir, array_backend="numpy", inference_backend="onnxruntime", providers="cpu", threads=1,
+                          drop_invisible=False)
     got = pipe.posed_surfels(np.asarray(fr.poses).reshape(24, 3), fr.world_from_body, cam)
     B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses, fr.world_from_body)
     with torch.no_grad():

@@ -86,30 +86,40 @@ def test_every_mode_renders(bundle, motion_file, tmp_path, monkeypatch):
         assert (mask == other).mean() > 0.97, mode                                # same silhouette
 
 
-def test_overlapped_frames_equal_the_synchronous_ones(bundle, motion_file):
+@pytest.mark.parametrize("renderer", ["gl", "cpu"])
+def test_overlapped_frames_equal_the_synchronous_ones(bundle, motion_file, renderer):
     """Player.render_pipelined (CPU work of frame i while frame i - 1 is shaded) returns the
-    same images as Player.render, one call later; both primitives and the fast preset run."""
+    same images as Player.render, one call later; both GL primitives, the CPU renderer and
+    the fast preset run, and the two renderers give the same frames."""
     from fmgs.motion import load_motion
     from fmgs.runtime.app import Player
     from fmgs.runtime.gl_renderer import create_headless_context
     from fmgs.runtime.pipeline import AvatarPipeline
 
+    if renderer == "cpu":
+        pytest.importorskip("numba")
     ctx = create_headless_context()
     pipe = AvatarPipeline(bundle, array_backend="numpy", providers="cpu")
     motion = load_motion(motion_file, fps=30.0, source_fps=30.0)
-    sync = Player(pipe, motion, ctx, 80, 64)
+    sync = Player(pipe, motion, ctx, 80, 64, renderer=renderer)
+    assert sync.renderer.kind == renderer
     want = [sync.render(i) for i in range(4)]
-    over = Player(pipe, motion, ctx, 80, 64)
+    over = Player(pipe, motion, ctx, 80, 64, renderer=renderer)
     got = [over.render_pipelined(i) for i in range(4)] + [over.flush()]
     assert got[0] is None and over.flush() is None
     for a, b in zip(want, got[1:]):
         np.testing.assert_array_equal(a, b)
     assert len(over.stats) == 4 and all(t.draw > 0 for t in over.stats)
     assert np.abs(want[0].astype(int) - want[3].astype(int)).max() > 30      # the body moves
-    quads = Player(pipe, motion, ctx, 80, 64, primitive="quads")
-    np.testing.assert_allclose(quads.render(2).astype(int), want[2].astype(int), atol=1)
-    assert quads.renderer.last_primitive == "quads" and sync.renderer.last_primitive == "points"
-    fast = Player(pipe, motion, ctx, 80, 64, fast=True)
+    if renderer == "gl":
+        quads = Player(pipe, motion, ctx, 80, 64, primitive="quads", renderer="gl")
+        np.testing.assert_allclose(quads.render(2).astype(int), want[2].astype(int), atol=1)
+        assert quads.renderer.last_primitive == "quads" and sync.renderer.last_primitive == "points"
+    else:
+        gl = Player(pipe, motion, ctx, 80, 64, renderer="gl").render(2).astype(int)
+        err = np.abs(gl - want[2].astype(int))          # 8-bit images; the GL renderer has no early stop
+        assert err.max() <= 3 and (err > 1).mean() < 1e-3
+    fast = Player(pipe, motion, ctx, 80, 64, fast=True, renderer=renderer)
     img = fast.render(2)
     assert fast.cull_backfaces is not None and img.shape == want[2].shape
     body = want[2].sum(-1) < 740
@@ -171,11 +181,11 @@ from fmgs.motion import load_motion
 from fmgs.runtime.app import NO_DISPLAY, run_window
 from fmgs.runtime.gl_renderer import ROWS
 from fmgs.runtime.pipeline import AvatarPipeline
-bundle, motion_file, shot, out = sys.argv[1:5]
+bundle, motion_file, shot, out, renderer = sys.argv[1:6]
 pipe = AvatarPipeline(bundle, array_backend="numpy", providers="cpu")
 motion = load_motion(motion_file, fps=30.0, source_fps=30.0)
-res = run_window(dict(pipeline=pipe, motion=motion, width=160, height=120, background=(1.0, 1.0, 1.0)),
-                 max_frames=3, screenshot=shot)
+res = run_window(dict(pipeline=pipe, motion=motion, width=160, height=120, background=(1.0, 1.0, 1.0),
+                      renderer=renderer), max_frames=3, screenshot=shot)
 if res == NO_DISPLAY:
     sys.exit(5)
 np.savez(out, img=res["screenshot_image"], K=res["camera"]["K"], V=res["camera"]["viewmat"],
@@ -183,13 +193,17 @@ np.savez(out, img=res["screenshot_image"], K=res["camera"]["K"], V=res["camera"]
 """
 
 
+@pytest.mark.parametrize("renderer", ["gl", "cpu"])
 def test_glfw_window_under_xvfb_shows_the_avatar_where_the_camera_projects_it(bundle, motion_file, xdisplay,
-                                                                              tmp_path):
+                                                                              tmp_path, renderer):
     # a fresh interpreter: a GLX window and the EGL contexts of the other tests do not share a process
     import sys
 
+    if renderer == "cpu":
+        pytest.importorskip("numba")
     shot, out = tmp_path / "window.png", tmp_path / "window.npz"
-    proc = subprocess.run([sys.executable, "-c", _WINDOW_SCRIPT, str(bundle), str(motion_file), str(shot), str(out)],
+    proc = subprocess.run([sys.executable, "-c", _WINDOW_SCRIPT, str(bundle), str(motion_file), str(shot), str(out),
+                           renderer],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert proc.returncode != 5, "GLFW could not open a window on the X display: " + proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -45,7 +45,7 @@ def test_pipeline_matches_trainer_forward(avatar, zju377):
     model, surfels, path = avatar
     poses, wfb = _frame(zju377)
     cam = np.array([0.4, -0.3, 3.1])
-    pipe = AvatarPipeline(path, array_backend="numpy", providers="cpu")
+    pipe = AvatarPipeline(path, array_backend="numpy", providers="cpu", drop_invisible=False)
     assert all("CPUExecutionProvider" in m.providers for m in pipe.models.values())
     got = pipe.posed_surfels(poses, wfb, cam)
     ref = trainer_posed(model, surfels, poses, wfb, cam)
@@ -82,17 +82,28 @@ def test_view_dirs_match_trainer_canonicalisation():
     np.testing.assert_allclose(out.T, ref_t, atol=2e-5)
 
 
-def test_runtime_frame_matches_trainer_render(avatar, zju377):
-    from fmgs.camera import Camera
-    from fmgs.pickle_io import load_pickle
+def _renderer(kind: str, W: int, H: int, S: int):
+    if kind == "cpu":
+        pytest.importorskip("numba")
+        from fmgs.runtime.splat_cpu import CpuSurfelRenderer
+
+        return CpuSurfelRenderer(W, H, S)
     from fmgs.runtime.gl_renderer import SurfelRenderer, create_headless_context
-    from fmgs.trainer.full_model import render_full
-    from runtime_avatar import trainer_posed
 
     try:
         ctx = create_headless_context()
     except RuntimeError as exc:
         pytest.skip(str(exc))
+    return SurfelRenderer(ctx, W, H, S, precision="f2")
+
+
+@pytest.mark.parametrize("renderer", ["gl", "cpu"])
+def test_runtime_frame_matches_trainer_render(avatar, zju377, renderer):
+    from fmgs.camera import Camera
+    from fmgs.pickle_io import load_pickle
+    from fmgs.trainer.full_model import render_full
+    from runtime_avatar import trainer_posed
+
     model, surfels, path = avatar
     poses, wfb = _frame(zju377, 60)
     poses[0] = 0.0
@@ -100,7 +111,7 @@ def test_runtime_frame_matches_trainer_render(avatar, zju377):
     cm = cams[sorted(cams)[60]]
     cam = Camera.from_extrinsics(cm["intrinsics"], cm["extrinsics"], 512, 512).scaled(0.25)
     pipe = AvatarPipeline(path, array_backend="numpy", providers="cpu")
-    r = SurfelRenderer(ctx, cam.width, cam.height, pipe.S, precision="f2")
+    r = _renderer(renderer, cam.width, cam.height, pipe.S)
     pipe.init_table(r.table)
     pipe.frame(poses, wfb, cam.center, table=r.table)
     r.draw(cam.K, cam.viewmat, mode="rgb")
@@ -113,6 +124,48 @@ def test_runtime_frame_matches_trainer_render(avatar, zju377):
     mse = np.mean((img - ref_img) ** 2)
     psnr = 10 * np.log10(1.0 / mse)
     assert psnr >= 35.0, psnr
+
+
+def test_transparent_surfels_are_left_out_without_changing_the_image(avatar, zju377):
+    """``drop_invisible``: surfels with opacity < 1/255 never pass the alpha cut-off, so
+    leaving them out at load time gives the same frame (to float32 rounding: the models and
+    the skinning product then run on fewer rows, which can change the BLAS blocking)."""
+    pytest.importorskip("numba")
+    from fmgs.bundle import read_bundle
+    from fmgs.camera import Camera
+    from fmgs.pickle_io import load_pickle
+    from fmgs.runtime.gl_renderer import ALPHA_MIN
+    from fmgs.runtime.splat_cpu import CpuSurfelRenderer
+
+    _, _, path = avatar
+    b = read_bundle(path)
+    op = b.surfels["opacities"].copy()
+    op[::5] = 0.5 * ALPHA_MIN                       # every fifth surfel fully transparent
+    b.surfels["opacities"] = op
+    poses, wfb = _frame(zju377, 60)
+    cams = load_pickle(zju377 / "cameras.pkl")
+    cm = cams[sorted(cams)[60]]
+    cam = Camera.from_extrinsics(cm["intrinsics"], cm["extrinsics"], 512, 512).scaled(0.25)
+    imgs = []
+    for drop in (False, True):
+        pipe = AvatarPipeline(b, array_backend="numpy", providers="cpu", drop_invisible=drop)
+        assert pipe.S == (op.size if not drop else int((op >= ALPHA_MIN).sum()))
+        np.testing.assert_array_equal(pipe.kept, np.arange(op.size) if not drop else np.flatnonzero(op >= ALPHA_MIN))
+        r = CpuSurfelRenderer(cam.width, cam.height, pipe.S, palette=pipe.palette)
+        pipe.init_table(r.table)
+        r.set_logits(pipe.semantic_logits)
+        pipe.frame(poses, wfb, cam.center, table=r.table)
+        layers = {}
+        for mode in ("depth", "semantic"):
+            r.draw(cam.K, cam.viewmat, mode=mode)
+            layers.update(r.read_layers() if mode == "depth" else {"logits": r.read_logits()})
+        imgs.append(layers)
+    assert (imgs[0]["alpha"] > 0.5).sum() > 300
+    for k in imgs[0]:
+        np.testing.assert_allclose(imgs[1][k], imgs[0][k], atol=1e-5, rtol=0, err_msg=k)
+    op[:] = 0.0
+    with pytest.raises(FmgsInputError, match="opacity < 1/255"):
+        AvatarPipeline(b, array_backend="numpy", providers="cpu")
 
 
 def test_bad_bundles_are_rejected_with_the_file_named(avatar, tmp_path):

@@ -136,6 +136,12 @@ def test_back_to_front_order_reuses_last_frame():
 
 
 def test_real_posed_smpl_surfels_377(ctx, smpl_path, zju377):
+    check_real_posed_smpl_377(lambda W, H, n: SurfelRenderer(ctx, W, H, n, precision="f4"), smpl_path, zju377)
+
+
+def check_real_posed_smpl_377(make_renderer, smpl_path, zju377):
+    """Real SMPL surfels posed by a ZJU-MoCap 377 fit, drawn by ``make_renderer(W, H, n)`` in
+    the frame's own camera (quarter size), against the float64 rasteriser."""
     from fmgs.body_model import axis_angle_to_matrix, forward_kinematics, load_smpl, world_from_body
     from fmgs.camera import Camera
     from fmgs.pickle_io import load_pickle
@@ -162,7 +168,7 @@ def test_real_posed_smpl_surfels_377(ctx, smpl_path, zju377):
     col = 0.5 + 0.5 * np.sin(np.asarray(sf.centers, np.float64) * [7.0, 11.0, 5.0])
     op = np.full(len(means), 0.85)
     W = H = 128
-    r = SurfelRenderer(ctx, W, H, len(means), precision="f4")
+    r = make_renderer(W, H, len(means))
     got = r.render_arrays(means, R, sf.scales, op, col, cam.K, cam.viewmat, mode="depth")
     ref = _reference(means, R, sf.scales, op, col, cam.K, cam.viewmat, W, H)
     a_ref = ref.alpha.numpy()
