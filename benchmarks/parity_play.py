@@ -2,12 +2,13 @@
 
 For a few training frames of a run, renders (a) the trainer's avatar (``fmgs.export.bake``
 rebuilds it exactly as ``fmgs-eval``) with the CPU 2DGS rasteriser and (b) the run's
-bundle through the torch-free runtime (pipeline + OpenGL renderer, EGL), in the
-dataset's own camera, and reports the PSNR between the two (white background, full image),
-also with back-face culling (the runtime's optional speed-up) and 8-bit / half targets.
+bundle through the torch-free runtime (pipeline + OpenGL renderer through EGL, with
+float32 / half / 8-bit targets, and the numba CPU renderer: ``--precisions cpu``), in the
+dataset's own camera, and reports the PSNR between the two (white background, full image,
+8-bit runtime image), also with back-face culling (the runtime's optional speed-up).
 
 Usage:
-    python benchmarks/parity_play.py RUN_DIR BUNDLE --frames 3 --size 512
+    python benchmarks/parity_play.py RUN_DIR BUNDLE --frames 3 --size 512 --precisions f4 f2 f1 cpu
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--cull", type=float, nargs="*", default=[0.7], help="back-face culling thresholds to try")
-    ap.add_argument("--precisions", nargs="*", default=["f4", "f2", "f1"])
+    ap.add_argument("--precisions", nargs="*", default=["f4", "f2", "f1", "cpu"],
+                    help="GL colour targets (f4, f2, f1) and/or 'cpu' (the numba renderer)")
     args = ap.parse_args(argv)
 
     import torch
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     from fmgs.export.bake import load_run, training_poses
     from fmgs.runtime.gl_renderer import SurfelRenderer, create_headless_context
     from fmgs.runtime.pipeline import AvatarPipeline
+    from fmgs.runtime.splat_cpu import CpuSurfelRenderer
     from fmgs.trainer.model import frame_bone_transforms
     from fmgs.trainer.rasterizer import rasterize_surfels
 
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         ref_img = ref.rgb.numpy().clip(0, 1)
         for prec in args.precisions:
             for cull in [None, *args.cull]:
-                r = SurfelRenderer(ctx, cam.width, cam.height, pipe.S, precision=prec)
+                r = (CpuSurfelRenderer(cam.width, cam.height, pipe.S) if prec == "cpu" else
+                     SurfelRenderer(ctx, cam.width, cam.height, pipe.S, precision=prec))
                 pipe.init_table(r.table)
                 pipe.frame(pose["poses"].reshape(24, 3), pose["world_from_body"], cam.center, table=r.table)
                 r.draw(cam.K, cam.viewmat, mode="rgb", cull_backfaces=cull, background=(1.0, 1.0, 1.0))
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
                 r.release()
     print(f"{run.kind} avatar, {pipe.S} surfels, {args.frames} training frames at {args.size}px ({args.run_dir})")
     for (prec, cull), v in results.items():
-        print(f"  target {prec} cull {cull}: PSNR runtime vs trainer mean {np.mean(v):.2f} dB, min {np.min(v):.2f} dB")
+        print(f"  {'cpu renderer' if prec == 'cpu' else 'GL target ' + prec} cull {cull}: PSNR runtime vs trainer mean {np.mean(v):.2f} dB, min {np.min(v):.2f} dB")
     return 0
 
 

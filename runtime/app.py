@@ -14,9 +14,9 @@ resolve, timing each stage (:class:`fmgs.runtime.pipeline.FrameTimings`).
   screenshot, ``Esc``/``Q`` quit; the title shows the FPS. Without a display it returns
   :data:`NO_DISPLAY` so the CLI can fall back to headless.
 
-Both overlap consecutive frames (:meth:`Player.render_pipelined`): the CPU work of frame
-``i`` (pose, inference, skinning, sort) runs while frame ``i - 1`` is still being shaded
-(by llvmpipe's rasteriser threads, or by the CPU renderer's splat on a background thread).
+With OpenGL both overlap consecutive frames (:meth:`Player.render_pipelined`): the CPU
+work of frame ``i`` (pose, inference, skinning, sort) runs while llvmpipe's rasteriser
+threads still shade frame ``i - 1`` (the CPU renderer draws synchronously).
 The surfel renderer is the numba CPU splatter (:mod:`fmgs.runtime.splat_cpu`) whenever
 OpenGL would run on the CPU anyway, else OpenGL (:func:`choose_renderer`). Both print frame-time statistics at exit (:func:`format_stats`): mean and
 p95 of the frame time and the mean split between pose, inference, skinning, sort and draw
@@ -228,9 +228,10 @@ class Player:
         if choose_renderer(renderer, ctx) == "cpu":
             from fmgs.runtime.splat_cpu import CpuSurfelRenderer
 
-            # splat on a background thread: render_pipelined poses the next frame meanwhile
+            # the splat runs on the calling thread: overlapping it with the next frame's models
+            # (async_draw) was slower on 2 cores (23.5 vs 26.9 FPS, docs/benchmarks.md)
             self.renderer = CpuSurfelRenderer(width, height, pipeline.S, palette=pipeline.palette, ctx=ctx,
-                                              threads=threads, async_draw=True)
+                                              threads=threads)
         else:
             if ctx is None:
                 raise RuntimeError("the OpenGL renderer needs a moderngl context")
