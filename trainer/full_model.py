@@ -402,8 +402,10 @@ class FMGSAvatar(nn.Module):
         table = torch.cat([g.table for g in grids], dim=1)                     # (T, G*F)
         w = lookup.flat_weights.to(table.dtype)
         out = _WeightedGather.apply(table, lookup.flat_indices, w, lookup)     # (S*L, G*F)
-        out = out.view(self.num_surfels, L, len(grids), Fd)
-        return [out[:, :, k].reshape(self.num_surfels, L * Fd) for k in range(len(grids))]
+        # one copy into grid-major order, then contiguous views per grid (per-grid selects would
+        # cost a full-size zero gradient each in the backward)
+        out = out.view(self.num_surfels, L, len(grids), Fd).permute(2, 0, 1, 3)
+        return list(out.reshape(len(grids), self.num_surfels, L * Fd).unbind(0))
 
     def skinning_weights(self, mu_c: torch.Tensor | None = None, training: bool = False,
                          generator: torch.Generator | None = None) -> torch.Tensor:

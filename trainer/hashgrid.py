@@ -239,7 +239,9 @@ class _WeightedGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, idx, w, lookup):
-        out = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+        # a detached table takes embedding_bag's forward-only kernel: the training kernel
+        # also builds offset2bag etc. for its own backward, which this Function replaces
+        out = F.embedding_bag(idx, table.detach(), per_sample_weights=w.detach(), mode="sum")
         ctx.save_for_backward(table, idx, w)
         ctx.lookup = lookup
         return out
