@@ -208,6 +208,125 @@ def splat_bands(P, box, feats, H, W, band, amin, t_stop, with_depth, nthreads, o
                     break
 
 
+#: fastmath flags of the vectorised kernel: no NaN/inf/signed-zero special cases and FMA
+#: contraction, but no reassociation (sums keep their order)
+_FM = {"nnan", "ninf", "nsz", "contract"}
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _exp_neg_half(rho):
+    """``exp(-rho / 2)`` without a libm call (so that loops vectorise): ``p(-rho / 32)^16`` with
+    ``p`` the degree-6 Taylor polynomial of exp; relative error < 3e-6 for ``rho <= 12`` (the
+    whole alpha >= 1/255 range, ``rho <= 2 ln 255 = 11.1``), ``~exp(-16)`` beyond."""
+    y = max(_F(-0.03125) * rho, _F(-1.0))
+    e = _F(1.0 / 720.0)
+    e = e * y + _F(1.0 / 120.0)
+    e = e * y + _F(1.0 / 24.0)
+    e = e * y + _F(1.0 / 6.0)
+    e = e * y + _F(0.5)
+    e = e * y + _F(1.0)
+    e = e * y + _F(1.0)
+    e = e * e
+    e = e * e
+    e = e * e
+    return e * e
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _alpha_row(T, k, xu, a0, b0, c0, ku, kv, kw, mx, dy2, o, amin, t_stop):
+    """Per-pixel part of :func:`_row_rgb`: ``(w, new T, finished here (0/1), use3, 1/q_w)``."""
+    tr = T[k]
+    px = _F(xu) + _F(0.5)
+    dx = px - mx
+    rho2 = _F(2.0) * (dx * dx + dy2)
+    qw = c0 * px + kw
+    qu = a0 * px + ku
+    qv = b0 * px + kv
+    inv = _F(1.0) / qw
+    r3 = (qu * qu + qv * qv) * inv * inv
+    use3 = (qw > _F(1e-7)) & (r3 <= rho2)
+    rho = r3 if use3 else rho2
+    al = o * _exp_neg_half(rho)
+    ok = _F(1.0) if (tr > _F(0.0)) & (al >= amin) else _F(0.0)
+    al = min(al, _F(0.99))
+    tn = tr * (_F(1.0) - al)
+    bl = ok if tn >= t_stop else _F(0.0)              # blended; ok - bl: finished here (2DGS stop)
+    return al * tr * bl, bl * tn - (ok - bl) + (_F(1.0) - ok) * tr, ok - bl, use3, inv
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True, inline="always")
+def _row_rgb(T, A0, A1, A2, A3, base, x0, x1, a0, b0, c0, ku, kv, kw, mx, dy2, o, f0, f1, f2, amin, t_stop):
+    """One surfel on one row segment, colour + alpha: branch-free, so LLVM vectorises it
+    (unsigned indices: no negative-index wrap-around test). Returns the pixels finished."""
+    done = 0                      # an integer count: a float sum would need reassociation to vectorise
+    ub = np.uint64(base)
+    for xu in range(np.uint64(x0), np.uint64(x1)):
+        k = ub + xu
+        w, tnew, fin, use3, inv = _alpha_row(T, k, xu, a0, b0, c0, ku, kv, kw, mx, dy2, o, amin, t_stop)
+        A0[k] += w * f0
+        A1[k] += w * f1
+        A2[k] += w * f2
+        A3[k] += w
+        T[k] = tnew
+        done += np.int64(fin)
+    return done
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def splat_rgb_simd(P, box, feats, H, W, band, amin, t_stop, nthreads, out_feat, out_alpha):
+    """:func:`splat_bands` for colour only (``feats (n, 3)``) with a vectorised inner loop: every
+    pixel of a surfel's box row is evaluated branch-free (also the finished ones, which the
+    scalar kernel skips) with :func:`_exp_neg_half` for the exp, into band-local planar
+    accumulators (:func:`_row_rgb`). About 1.8x faster than the scalar kernel on the 377 avatar
+    (AVX-512 machine); the same blending order, alpha within a few 1e-6 of the exact exp, so a
+    cut-off decision can flip where a fragment's alpha lies that close to 1/255 or to the early
+    stop."""
+    n = P.shape[0]
+    nbands = (H + band - 1) // band
+    for th in numba.prange(nthreads):
+        m = band * W                        # band-local planar accumulators of this thread
+        T = np.empty(m, np.float32)
+        A0 = np.empty(m, np.float32)
+        A1 = np.empty(m, np.float32)
+        A2 = np.empty(m, np.float32)
+        A3 = np.empty(m, np.float32)        # alpha
+        for bi in range(th, nbands, nthreads):
+            ya = bi * band
+            yb = min(H, ya + band)
+            T[:] = 1.0
+            A0[:] = 0.0
+            A1[:] = 0.0
+            A2[:] = 0.0
+            A3[:] = 0.0
+            active = (yb - ya) * W
+            for i in range(n):
+                y0 = max(box[i, 1], ya)
+                y1 = min(box[i, 3], yb)
+                if y0 >= y1:
+                    continue
+                x0 = box[i, 0]
+                x1 = box[i, 2]
+                a0, a1, a2 = P[i, 0], P[i, 1], P[i, 2]
+                b0, b1, b2 = P[i, 3], P[i, 4], P[i, 5]
+                c0, c1, c2 = P[i, 6], P[i, 7], P[i, 8]
+                mx, my, o = P[i, 9], P[i, 10], P[i, 11]
+                f0, f1, f2 = feats[i, 0], feats[i, 1], feats[i, 2]
+                for y in range(y0, y1):
+                    py = _F(y) + _F(0.5)
+                    dy = py - my
+                    active -= _row_rgb(T, A0, A1, A2, A3, (y - ya) * W, x0, x1, a0, b0, c0, a1 * py + a2,
+                                       b1 * py + b2, c1 * py + c2, mx, dy * dy, o, f0, f1, f2, amin, t_stop)
+                if active <= 0:
+                    break
+            for y in range(ya, yb):
+                r = (y - ya) * W
+                for x in range(W):
+                    out_feat[y, x, 0] = A0[r + x]
+                    out_feat[y, x, 1] = A1[r + x]
+                    out_feat[y, x, 2] = A2[r + x]
+                    out_alpha[y, x] = A3[r + x]
+
+
 @numba.njit(cache=True)
 def _turbo(t):
     t = min(max(t, 0.0), 1.0)

@@ -27,7 +27,9 @@ Per frame (:meth:`CpuSurfelRenderer.draw`):
    ``alpha_min`` (1/255), and blends ``w = alpha T`` into the feature, alpha and
    expected-depth accumulators while ``T (1 - alpha) >= 1e-4`` (else the pixel is finished:
    the 2DGS rule, the fragment that would cross is not blended). A band whose pixels are all
-   finished stops.
+   finished stops. The ``rgb`` mode uses a branch-free variant that LLVM vectorises (every
+   pixel of the box row evaluated, ``exp`` as a polynomial accurate to a few 1e-6; ~1.8x
+   faster); the other modes the scalar kernel (libm ``exp``, finished pixels skipped).
 3. **Resolve** (one kernel): the mode's colouring into an 8-bit image (``resolve.frag``).
 
 Outputs are the trainer's: ``sum_i w_i f_i`` in the float layers; the only difference to the
@@ -99,7 +101,7 @@ def _kernels():
         from fmgs.runtime import _splat_kernels
 
         _KERNELS = {"setup": _splat_kernels.setup_surfels, "splat": _splat_kernels.splat_bands,
-                    "resolve": _splat_kernels.resolve_image}
+                    "splat_rgb": _splat_kernels.splat_rgb_simd, "resolve": _splat_kernels.resolve_image}
     return _KERNELS
 
 
@@ -117,6 +119,10 @@ class CpuSurfelRenderer(SurfelTableMixin):
             (:meth:`resolve` with ``target=ctx.screen``).
         threads: numba threads for the kernels (default: numba's, i.e. all cores).
         band_rows: rows per band of the splat kernel.
+        simd: draw the ``rgb`` mode with the vectorised kernel
+            (:func:`fmgs.runtime._splat_kernels.splat_rgb_simd`: a polynomial exp, every box pixel
+            evaluated; ~1.8x faster); False: the scalar kernel of the other modes (libm exp,
+            finished pixels skipped).
         async_draw: run the splat of :meth:`draw` on a background thread (the kernels release
             the GIL) so that the caller can pose the next frame meanwhile; every reader
             (:meth:`resolve`, :meth:`read_layers`, ...) waits for it (:meth:`wait`).
@@ -134,13 +140,14 @@ class CpuSurfelRenderer(SurfelTableMixin):
 
     def __init__(self, width: int, height: int, num_surfels: int, palette=None, ctx=None,
                  threads: int | None = None, band_rows: int = BAND_ROWS, precision: str = "f4",
-                 async_draw: bool = False):
+                 simd: bool = True, async_draw: bool = False):
         if not available():
             raise RuntimeError("the CPU renderer needs numba (pip install numba)")
         del precision               # accepted for interface compatibility: float32 throughout
         self.ctx = ctx
         self.threads = None if threads is None else max(1, int(threads))
         self.band_rows = max(1, int(band_rows))
+        self.simd = bool(simd)
         self.async_draw = bool(async_draw)
         self._job = None
         self._error = None
@@ -248,21 +255,25 @@ class CpuSurfelRenderer(SurfelTableMixin):
                        self.width, self.height, np.float32(near), np.float32(alpha_min),
                        np.float32(2.0 if cull_backfaces is None else cull_backfaces), kind, logits,
                        self._P[:n], self._box[:n], feats)
-        args = (self._P[:n], self._box[:n], feats, self.height, self.width, self.band_rows,
-                np.float32(alpha_min), np.float32(T_STOP), kind == 1)
+        common = (self._P[:n], self._box[:n], feats, self.height, self.width, self.band_rows,
+                  np.float32(alpha_min), np.float32(T_STOP))
+        if kind == 0 and self.simd:
+            job = ("splat_rgb", common, (self._feat, self._alpha))
+        else:
+            job = ("splat", common + (kind == 1,), (self._feat, self._alpha, self._dacc))
         self._last_mode = mode
         self.last_primitive = "cpu"
         if self.async_draw:
             # the table is no longer read: the caller may pose the next frame meanwhile
-            self._job = threading.Thread(target=self._splat, args=args, name="fmgs-splat", daemon=True)
+            self._job = threading.Thread(target=self._splat, args=job, name="fmgs-splat", daemon=True)
             self._job.start()
         else:
-            self._splat(*args)
+            self._splat(*job)
 
-    def _splat(self, *args) -> None:
+    def _splat(self, kernel: str, args: tuple, outputs: tuple) -> None:
         try:
             with _numba_threads(self.threads) as threads:
-                _kernels()["splat"](*args, threads, self._feat, self._alpha, self._dacc)
+                _kernels()[kernel](*args, threads, *outputs)
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
             if threading.current_thread() is not self._job:
                 raise

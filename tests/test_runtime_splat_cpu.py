@@ -40,6 +40,12 @@ def test_synthetic_scene_matches_the_float64_rasteriser():
     _close(got["depth_acc"], ref.depth_acc.numpy(), 1e-4)
     m = ref.alpha.numpy() > 0.05
     np.testing.assert_allclose(got["depth"][m], ref.depth.numpy()[m], rtol=2e-4)
+    # the rgb mode: the vectorised kernel (polynomial exp) and the scalar one
+    for simd in (True, False):
+        rgb = CpuSurfelRenderer(W, H, len(means), simd=simd).render_arrays(means, R, s, o, c, K, V, mode="rgb",
+                                                                          background=bg)
+        assert _psnr(rgb["rgb"], ref.rgb.numpy()) > 80.0, simd
+        _close(rgb["alpha"], ref.alpha.numpy(), 2e-5)
     lg = np.random.default_rng(1).normal(size=(len(means), 28))
     out = r.render_arrays(means, R, s, o, c, K, V, mode="semantic", logits=lg)
     ref2 = _reference(means, R, s, o, c, K, V, W, H, extras=lg)
