@@ -128,6 +128,19 @@ def setup_surfels(tab, front, R, t, K, KinvT, W, H, near, amin, cullcos, kind, l
                 feats[k, 5] = n2
 
 
+@numba.njit(cache=True, nogil=True)
+def _band_rows(box, i, ya, yb):
+    """Rows ``[y0, y1)`` of surfel ``i``'s box inside the band ``[ya, yb)`` (empty: y0 >= y1)."""
+    return max(box[i, 1], ya), min(box[i, 3], yb)
+
+
+@numba.njit(cache=True, nogil=True)
+def _surfel_terms(P, i):
+    """Setup row ``i`` (:func:`setup_surfels`): ``M`` rows a, b, c (3 each), centre px, opacity."""
+    return (P[i, 0], P[i, 1], P[i, 2], P[i, 3], P[i, 4], P[i, 5], P[i, 6], P[i, 7], P[i, 8],
+            P[i, 9], P[i, 10], P[i, 11])
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def splat_bands(P, box, feats, H, W, band, amin, t_stop, with_depth, nthreads, out_feat, out_alpha, out_dacc):
     """Front-to-back 2DGS blending with early stop, bands of ``band`` rows dealt round-robin
@@ -146,17 +159,13 @@ def splat_bands(P, box, feats, H, W, band, amin, t_stop, with_depth, nthreads, o
             T = np.ones((yb - ya, W), np.float32)
             active = (yb - ya) * W
             for i in range(n):
-                y0 = max(box[i, 1], ya)
-                y1 = min(box[i, 3], yb)
+                y0, y1 = _band_rows(box, i, ya, yb)
                 if y0 >= y1:
                     continue
                 x0 = box[i, 0]
                 x1 = box[i, 2]
-                a0, a1, a2 = P[i, 0], P[i, 1], P[i, 2]
-                b0, b1, b2 = P[i, 3], P[i, 4], P[i, 5]
-                c0, c1, c2 = P[i, 6], P[i, 7], P[i, 8]
-                mx, my, o, r2c = P[i, 9], P[i, 10], P[i, 11], P[i, 12]
-                bb, zc = P[i, 16], P[i, 17]
+                a0, a1, a2, b0, b1, b2, c0, c1, c2, mx, my, o = _surfel_terms(P, i)
+                r2c, bb, zc = P[i, 12], P[i, 16], P[i, 17]
                 for y in range(y0, y1):
                     py = _F(y) + _F(0.5)
                     dy = py - my
@@ -300,16 +309,12 @@ def splat_rgb_simd(P, box, feats, H, W, band, amin, t_stop, nthreads, out_feat, 
             A3[:] = 0.0
             active = (yb - ya) * W
             for i in range(n):
-                y0 = max(box[i, 1], ya)
-                y1 = min(box[i, 3], yb)
+                y0, y1 = _band_rows(box, i, ya, yb)
                 if y0 >= y1:
                     continue
                 x0 = box[i, 0]
                 x1 = box[i, 2]
-                a0, a1, a2 = P[i, 0], P[i, 1], P[i, 2]
-                b0, b1, b2 = P[i, 3], P[i, 4], P[i, 5]
-                c0, c1, c2 = P[i, 6], P[i, 7], P[i, 8]
-                mx, my, o = P[i, 9], P[i, 10], P[i, 11]
+                a0, a1, a2, b0, b1, b2, c0, c1, c2, mx, my, o = _surfel_terms(P, i)
                 f0, f1, f2 = feats[i, 0], feats[i, 1], feats[i, 2]
                 for y in range(y0, y1):
                     py = _F(y) + _F(0.5)

@@ -98,30 +98,42 @@ def test_half_and_byte_targets_stay_above_35db(ctx):
 
 
 def test_resolve_modes_colour_the_float_targets(ctx):
+    check_resolve_modes(lambda W, H, n: SurfelRenderer(ctx, W, H, n), tol=1.5 / 255)
+
+
+def check_resolve_modes(make_renderer, tol: float):
+    """The 8-bit display image of every mode is the mode's colouring of the float layers
+    (RGB over the background, (n + 1) / 2, turbo depth with near = red, palette of the argmax
+    logit), within ``tol`` (8-bit rounding; the GL resolve samples textures)."""
+    from fmgs.priors import SAPIENS_PALETTE
+
     means, R, s, o, c, K, V = _scene(seed=5, n=120)
-    r = SurfelRenderer(ctx, 64, 48, len(means))
+    r = make_renderer(64, 48, len(means))
     layers = r.render_arrays(means, R, s, o, c, K, V, mode="normal")
     r.resolve("rgb", background=(1.0, 1.0, 1.0))
     img = r.read_display().astype(np.float64) / 255
-    want = layers["rgb"] + (1 - layers["alpha"])[..., None]
-    assert np.abs(img - np.clip(want, 0, 1)).max() <= 1.0 / 255 + 1e-6
+    want = np.clip(layers["rgb"] + (1 - layers["alpha"])[..., None], 0, 1)
+    assert np.abs(img - want).max() <= tol + 1e-6
     r.resolve("normal", background=(0.0, 0.0, 0.0))
     img = r.read_display().astype(np.float64) / 255
     n = layers["normal"]
     nn = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
     want = (0.5 * nn + 0.5) * layers["alpha"][..., None]
     m = layers["alpha"] > 0.02
-    assert np.abs(img[m] - want[m]).max() <= 1.5 / 255
+    assert np.abs(img[m] - want[m]).max() <= tol + 1e-6
+    r.draw(K, V, mode="depth")
+    r.resolve("depth", background=(0.0, 0.0, 0.0), depth_range=(2.0, 3.0))
+    img = r.read_display().astype(np.float64) / 255
+    t = np.clip(1.0 - (layers["depth"] - 2.0), 0, 1)           # near = red end of turbo
+    assert (img[..., 0] > img[..., 2])[m & (t > 0.9)].mean() > 0.9
     lg = np.random.default_rng(2).normal(size=(len(means), 28))
     out = r.render_arrays(means, R, s, o, c, K, V, mode="semantic", logits=lg)
     r.resolve("semantic", background=(0.0, 0.0, 0.0))
     img = r.read_display()
-    from fmgs.priors import SAPIENS_PALETTE
-
     labels = out["logits"].argmax(-1)
     want = SAPIENS_PALETTE[labels] / (255.0 if SAPIENS_PALETTE.max() > 1 else 1.0) * out["alpha"][..., None]
     m = out["alpha"] > 0.5
-    assert np.abs(img[m] / 255.0 - want[m]).max() <= 1.5 / 255
+    assert np.abs(img[m] / 255.0 - want[m]).max() <= tol + 1e-6
 
 
 def test_back_to_front_order_reuses_last_frame():
@@ -206,16 +218,23 @@ def test_points_and_quads_give_the_same_exact_image(ctx):
         assert (err > 1e-3).mean() < 1e-3, prim
 
 
-def test_large_close_surfels_fall_back_to_quads(ctx):
-    """Surfels wider than the largest GL point (llvmpipe: 255 px), some crossing the camera
-    plane: 'auto' picks quads, and the image still matches the CPU rasteriser."""
-    rng = np.random.default_rng(11)
-    n = 40
+def large_close_surfels(seed: int = 11, n: int = 40):
+    """``n`` large surfels (5-30 cm) 0.4-1.2 m in front of an identity camera, some of whose
+    planes cross the camera plane: ``(means, R, scales, opacities, colours)``."""
+    rng = np.random.default_rng(seed)
     means = rng.uniform([-0.3, -0.3, 0.4], [0.3, 0.3, 1.2], (n, 3))
     R = _rot(rng, n)
     s = rng.uniform(0.05, 0.3, (n, 2))
     o = rng.uniform(0.2, 1.0, n)
     c = rng.uniform(0, 1, (n, 3))
+    return means, R, s, o, c
+
+
+def test_large_close_surfels_fall_back_to_quads(ctx):
+    """Surfels wider than the largest GL point (llvmpipe: 255 px), some crossing the camera
+    plane: 'auto' picks quads, and the image still matches the CPU rasteriser."""
+    means, R, s, o, c = large_close_surfels()
+    n = len(means)
     W = H = 300
     K = np.array([[260.0, 0, 150.0], [0, 250.0, 140.0], [0, 0, 1]])
     V = np.eye(4)

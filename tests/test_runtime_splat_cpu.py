@@ -15,7 +15,9 @@ pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
 from fmgs.runtime.splat_cpu import CpuSurfelRenderer  # noqa: E402
-from test_runtime_renderer import _psnr, _reference, _rot, _scene, check_real_posed_smpl_377  # noqa: E402
+from test_runtime_renderer import (  # noqa: E402
+    _psnr, _reference, _scene, check_real_posed_smpl_377, check_resolve_modes, large_close_surfels,
+)
 
 
 def _close(got, ref, atol, frac=1e-3):
@@ -55,13 +57,8 @@ def test_synthetic_scene_matches_the_float64_rasteriser():
 
 def test_large_surfels_crossing_the_camera_plane():
     """Unbounded supports (surfel planes through the camera) get the whole image as their box."""
-    rng = np.random.default_rng(11)
-    n = 40
-    means = rng.uniform([-0.3, -0.3, 0.4], [0.3, 0.3, 1.2], (n, 3))
-    R = _rot(rng, n)
-    s = rng.uniform(0.05, 0.3, (n, 2))
-    o = rng.uniform(0.2, 1.0, n)
-    c = rng.uniform(0, 1, (n, 3))
+    means, R, s, o, c = large_close_surfels()
+    n = len(means)
     W = H = 120
     K = np.array([[104.0, 0, 60.0], [0, 100.0, 56.0], [0, 0, 1]])
     r = CpuSurfelRenderer(W, H, n)
@@ -77,34 +74,10 @@ def test_real_posed_smpl_surfels_377(smpl_path, zju377):
 
 
 def test_resolve_modes_colour_the_float_layers():
-    from fmgs.priors import SAPIENS_PALETTE
-
+    check_resolve_modes(lambda W, H, n: CpuSurfelRenderer(W, H, n), tol=0.5 / 255)
     means, R, s, o, c, K, V = _scene(seed=5, n=120)
     r = CpuSurfelRenderer(64, 48, len(means))
-    layers = r.render_arrays(means, R, s, o, c, K, V, mode="normal")
-    r.resolve("rgb", background=(1.0, 1.0, 1.0))
-    img = r.read_display().astype(np.float64) / 255
-    want = np.clip(layers["rgb"] + (1 - layers["alpha"])[..., None], 0, 1)
-    assert np.abs(img - want).max() <= 0.5 / 255 + 1e-6
-    r.resolve("normal", background=(0.0, 0.0, 0.0))
-    img = r.read_display().astype(np.float64) / 255
-    n = layers["normal"]
-    nn = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    want = (0.5 * nn + 0.5) * layers["alpha"][..., None]
-    m = layers["alpha"] > 0.02
-    assert np.abs(img[m] - want[m]).max() <= 0.5 / 255 + 1e-6
-    r.resolve("depth", background=(0.0, 0.0, 0.0), depth_range=(2.0, 3.0))
-    img = r.read_display().astype(np.float64) / 255
-    t = np.clip(1.0 - (layers["depth"] - 2.0), 0, 1)           # near = red end of turbo
-    assert (img[..., 0] > img[..., 2])[m & (t > 0.9)].mean() > 0.9
-    lg = np.random.default_rng(2).normal(size=(len(means), 28))
-    out = r.render_arrays(means, R, s, o, c, K, V, mode="semantic", logits=lg)
-    r.resolve("semantic", background=(0.0, 0.0, 0.0))
-    img = r.read_display()
-    labels = out["logits"].argmax(-1)
-    want = SAPIENS_PALETTE[labels] / (255.0 if SAPIENS_PALETTE.max() > 1 else 1.0) * out["alpha"][..., None]
-    m = out["alpha"] > 0.5
-    assert np.abs(img[m] / 255.0 - want[m]).max() <= 0.5 / 255 + 1e-6
+    r.render_arrays(means, R, s, o, c, K, V, mode="semantic", logits=np.ones((len(means), 28)))
     with pytest.raises(ValueError, match="needs a draw of that mode"):
         r.resolve("rgb")
 
