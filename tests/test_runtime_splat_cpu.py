@@ -108,3 +108,26 @@ def test_back_face_culling_draws_the_facing_surfels_only():
     assert _psnr(got["rgb"], ref.rgb.numpy()) > 80.0
     r.draw(K, V, mode="rgb", cull_backfaces=0.3)           # the same test inside the setup kernel
     assert _psnr(r.read_layers()["rgb"], ref.rgb.numpy()) > 80.0
+
+
+def test_auto_renderer_choice(monkeypatch):
+    """``auto``: the CPU renderer without a context (headless) or on a software OpenGL, the GL
+    renderer on a GPU driver or when numba is missing."""
+    from fmgs.runtime import splat_cpu
+    from fmgs.runtime.app import choose_renderer
+
+    class _Ctx:
+        def __init__(self, name):
+            self.info = {"GL_RENDERER": name}
+
+    llvmpipe, gpu = _Ctx("llvmpipe (LLVM 15.0.6, 256 bits)"), _Ctx("NVIDIA H200/PCIe/SSE2")
+    assert choose_renderer("auto", None) == "cpu"
+    assert choose_renderer("auto", llvmpipe) == "cpu"
+    assert choose_renderer("auto", gpu) == "gl"
+    assert choose_renderer("gl", llvmpipe) == "gl" and choose_renderer("cpu", gpu) == "cpu"
+    with pytest.raises(ValueError, match="renderer must be one of"):
+        choose_renderer("vulkan")
+    monkeypatch.setattr(splat_cpu, "available", lambda: False)
+    assert choose_renderer("auto", None) == "gl"
+    with pytest.raises(RuntimeError, match="needs numba"):
+        choose_renderer("cpu", None)
