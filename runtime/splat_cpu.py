@@ -119,13 +119,16 @@ class CpuSurfelRenderer(SurfelTableMixin):
             (:meth:`resolve` with ``target=ctx.screen``).
         threads: numba threads for the kernels (default: numba's, i.e. all cores).
         band_rows: rows per band of the splat kernel.
+        precision: accepted for interface compatibility with the GL renderer; the layers are
+            always float32.
         simd: draw the ``rgb`` mode with the vectorised kernel
             (:func:`fmgs.runtime._splat_kernels.splat_rgb_simd`: a polynomial exp, every box pixel
             evaluated; ~1.8x faster); False: the scalar kernel of the other modes (libm exp,
             finished pixels skipped).
         async_draw: run the splat of :meth:`draw` on a background thread (the kernels release
             the GIL) so that the caller can pose the next frame meanwhile; every reader
-            (:meth:`resolve`, :meth:`read_layers`, ...) waits for it (:meth:`wait`).
+            (:meth:`resolve`, :meth:`read_layers`, ...) waits for it (:meth:`wait`). Off in
+            :class:`fmgs.runtime.app.Player`: slower on 2 cores (docs/benchmarks.md).
 
     Attributes:
         table: ``(16, S)`` float32 planar surfel table (:data:`fmgs.runtime.gl_renderer.ROWS`).
