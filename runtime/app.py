@@ -18,8 +18,8 @@ With OpenGL both overlap consecutive frames (:meth:`Player.render_pipelined`): t
 work of frame ``i`` (pose, inference, skinning, sort) runs while llvmpipe's rasteriser
 threads still shade frame ``i - 1`` (the CPU renderer draws synchronously).
 The surfel renderer is the numba CPU splatter (:mod:`fmgs.runtime.splat_cpu`) whenever
-OpenGL would run on the CPU anyway, else OpenGL (:func:`choose_renderer`). Both print frame-time statistics at exit (:func:`format_stats`): mean and
-p95 of the frame time and the mean split between pose, inference, skinning, sort and draw
+OpenGL would run on the CPU anyway, else OpenGL (:func:`choose_renderer`). Both print
+frame-time statistics at exit (:func:`format_stats`): mean and p95 of the frame time and the mean split between pose, inference, skinning, sort and draw
 (draw = the caller's time in submit + wait + resolve + read-back, so with the overlap it
 shrinks by the shading that ran in the background).
 
@@ -62,7 +62,7 @@ def choose_renderer(kind: str = "auto", ctx=None) -> str:
 
     ``auto`` picks the CPU renderer when OpenGL would run on the CPU anyway (no context given,
     i.e. headless, or a software context such as Mesa's llvmpipe: the numba splatter stops
-    each pixel once it is opaque and needs about half of llvmpipe's CPU time) and numba is
+    each pixel once it is opaque and needs about a third of llvmpipe's CPU time) and numba is
     installed; otherwise OpenGL (a GPU driver).
 
     Args:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured PSNR in fmgs.runtime.app.FAST_CULL_COS). Default: the exact 2DGS image")
     p.add_argument("--renderer", choices=("auto", "gl", "cpu"), default="auto",
                    help="surfel renderer: gl (OpenGL), cpu (numba: front to back with 2DGS early stop; "
-                        "about half of llvmpipe's CPU time) or auto (default: cpu when OpenGL would run "
+                        "about a third of llvmpipe's CPU time) or auto (default: cpu when OpenGL would run "
                         "on the CPU anyway -- headless, or a software context -- else gl)")
     p.add_argument("--render-threads", type=int, default=None, metavar="N",
                    help="threads of the cpu renderer (default: all cores)")

@@ -7,7 +7,8 @@ every surfel's support back to front; here the surfels are blended **front to ba
 pixel stops as soon as its transmittance would drop below 1e-4 (2DGS / the trainer's early
 stop), so the hidden back of the body costs one load and compare per pixel instead of a
 fragment-shader run. On the 2-core development machine this draws the 55k-surfel ZJU-MoCap
-377 avatar at 512x512 in about half the CPU time of llvmpipe (docs/benchmarks.md).
+377 avatar at 512x512 in about a third of llvmpipe's CPU time (24 vs 74 ms per frame;
+docs/benchmarks.md).
 
 Per frame (:meth:`CpuSurfelRenderer.draw`):
 
