@@ -5,8 +5,8 @@ reference rasteriser, :mod:`fmgs.trainer.raster_cpu`), computed by two numba ker
 of OpenGL. On a CPU-only machine OpenGL means Mesa's llvmpipe, which must shade every pixel of
 every surfel's support back to front; here the surfels are blended **front to back** and a
 pixel stops as soon as its transmittance would drop below 1e-4 (2DGS / the trainer's early
-stop), so the hidden back of the body costs one load and compare per pixel instead of a
-fragment-shader run. On the 2-core development machine this draws the 55k-surfel ZJU-MoCap
+stop), and a band whose pixels are all finished stops early; the hidden back of the body
+costs no fragment-shader run. On the 2-core development machine this draws the 55k-surfel ZJU-MoCap
 377 avatar at 512x512 in about a third of llvmpipe's CPU time (24 vs 74 ms per frame;
 docs/benchmarks.md).
 
