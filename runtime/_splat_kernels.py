@@ -23,8 +23,8 @@ def setup_surfels(tab, front, R, t, K, KinvT, W, H, near, amin, cullcos, kind, l
             ``inv(K).T``; W, H: image size; near, amin, cullcos: culling parameters (cullcos
             > 1: no back-face culling); kind: 0 colour, 1 colour + normal, 2 logits.
         logits: (S, C) float32 (kind 2).
-        P: (n, 18) float32 out: ``M`` rows premultiplied by ``K^-1`` (9), centre px (2),
-            opacity, inflated r2, facing normal (3), b, centre depth.
+        P: (n, 15) float32 out: ``M`` rows premultiplied by ``K^-1`` (9), centre px (2),
+            opacity, inflated r2, b, centre depth (the facing normal goes to ``feats``).
         box: (n, 4) int32 out: pixel ranges ``x0, y0, x1, y1`` (empty when culled).
         feats: (n, C) float32 out.
     """
@@ -75,11 +75,8 @@ def setup_surfels(tab, front, R, t, K, KinvT, W, H, near, amin, cullcos, kind, l
         P[k, 10] = my
         P[k, 11] = o
         P[k, 12] = r2 * _F(1.0 + 1e-4) + _F(1e-4)
-        P[k, 13] = n0
-        P[k, 14] = n1
-        P[k, 15] = n2
-        P[k, 16] = b
-        P[k, 17] = p2
+        P[k, 13] = b
+        P[k, 14] = p2
         culled = (p2 < near) or (o < amin) or (r2 <= 1e-9) or away
         # pixel box: dual conic of the cut-off ellipse united with the filter disc (surfel.vert)
         rf = math.sqrt(r2 * _F(0.5))
@@ -165,7 +162,7 @@ def splat_bands(P, box, feats, H, W, band, amin, t_stop, with_depth, nthreads, o
                 x0 = box[i, 0]
                 x1 = box[i, 2]
                 a0, a1, a2, b0, b1, b2, c0, c1, c2, mx, my, o = _surfel_terms(P, i)
-                r2c, bb, zc = P[i, 12], P[i, 16], P[i, 17]
+                r2c, bb, zc = P[i, 12], P[i, 13], P[i, 14]
                 for y in range(y0, y1):
                     py = _F(y) + _F(0.5)
                     dy = py - my

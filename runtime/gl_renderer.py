@@ -274,7 +274,6 @@ class SurfelTableMixin:
         V = np.asarray(viewmat, np.float32)
         zc = V[2, :3] @ self.table[0:3] + V[2, 3]
         front = back_to_front_order(zc)
-        self._order_front = front
         self.last_depth_range = (float(zc.min()), float(zc.max())) if zc.size else (0.0, 1.0)
         order = front[::-1].astype(np.uint32)
         if cull_backfaces is not None:
@@ -396,7 +395,6 @@ class SurfelRenderer(SurfelTableMixin):
         self.precision = precision
         self.width = self.height = 0
         self.num_surfels = 0
-        self._order_front: np.ndarray | None = None
         self._num_logits = 0
         self._init_palette(palette)
 
@@ -461,7 +459,6 @@ class SurfelRenderer(SurfelTableMixin):
         self._idx_buf = self.ctx.buffer(reserve=S * 4, dynamic=True)
         self._logit_buf = None
         self._num_logits = 0
-        self._order_front = None
         for vao in self._vaos.values():
             vao.release()
         self._vaos = {}

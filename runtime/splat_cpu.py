@@ -48,13 +48,12 @@ images with row 0 at the top, the planar ``(16, S)`` float32 surfel table of
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
 import numpy as np
 
 from fmgs.runtime.gl_renderer import (
-    ALPHA_MIN, MODES, NUM_ROWS, ROWS, SurfelTableMixin, _set, _shader, _with_defines,
+    _MODE_ID, ALPHA_MIN, MODES, NUM_ROWS, ROWS, SurfelTableMixin, _set, _shader, _with_defines,
 )
 
 __all__ = ["available", "CpuSurfelRenderer", "T_STOP", "BAND_ROWS"]
@@ -64,8 +63,8 @@ T_STOP = 1e-4
 #: Rows per band of the splat kernel (the unit of work of a thread).
 BAND_ROWS = 16
 #: Columns of the per-surfel setup rows: M (9, K^-1 folded in), centre px (2), opacity,
-#: r2 (inflated, conservative early reject), normal (3, facing the camera), b, centre depth.
-_P_COLS = 18
+#: r2 (inflated, conservative early reject), b, centre depth.
+_P_COLS = 15
 _MAX_LOGITS = 30
 
 _KERNELS = None
@@ -155,7 +154,6 @@ class CpuSurfelRenderer(SurfelTableMixin):
         self.async_draw = bool(async_draw)
         self._job = None
         self._error = None
-        self.max_point_size = math.inf
         self.last_primitive = None
         self.width = self.height = 0
         self.num_surfels = 0
@@ -180,7 +178,6 @@ class CpuSurfelRenderer(SurfelTableMixin):
         self._box = np.empty((S, 4), np.int32)
         self._logits = None
         self._num_logits = 0
-        self._order_front = None
 
     def resize(self, width: int, height: int) -> None:
         """(Re)allocate the float layers for ``width`` x ``height`` pixels."""
@@ -209,10 +206,6 @@ class CpuSurfelRenderer(SurfelTableMixin):
         self._logits = lg
         self._num_logits = int(lg.shape[1])
 
-    def points_fit(self, K, viewmat, near: float = 0.01, alpha_min: float = ALPHA_MIN) -> bool:
-        """Always True (no primitive size limit on the CPU)."""
-        return True
-
     # ------------------------------------------------------------------ per frame
     def draw(self, K, viewmat, mode: str = "rgb", order=None, near: float = 0.01,
              cull_backfaces: float | None = None, background=(0.0, 0.0, 0.0),
@@ -239,6 +232,7 @@ class CpuSurfelRenderer(SurfelTableMixin):
         if not 0.0 < float(alpha_min) < 0.99:
             raise ValueError(f"alpha_min must be in (0, 0.99), got {alpha_min}")
         del background, primitive
+        self.wait()                 # a pending splat still writes the layers
         if order is None:
             order = self.sort(viewmat)
         front = np.ascontiguousarray(np.asarray(order)[::-1], dtype=np.int32)
@@ -251,7 +245,6 @@ class CpuSurfelRenderer(SurfelTableMixin):
             self._feat = np.zeros((self.height, self.width, C), np.float32)
         feats = np.empty((n, C), np.float32)
         logits = self._logits if kind == 2 else np.zeros((1, 1), np.float32)
-        self.wait()
         k = _kernels()
         with _numba_threads(self.threads) as threads:
             k["setup"](self.table, front, V[:3, :3].astype(np.float32), V[:3, 3].astype(np.float32),
@@ -313,7 +306,7 @@ class CpuSurfelRenderer(SurfelTableMixin):
         if not ok:
             raise ValueError(f"resolve({mode!r}) needs a draw of that mode (the last draw was {last!r})")
         dr = depth_range or getattr(self, "last_depth_range", (0.0, 1.0))
-        _kernels()["resolve"](self._feat, self._alpha, self._dacc, {m: i for i, m in enumerate(MODES)}[mode],
+        _kernels()["resolve"](self._feat, self._alpha, self._dacc, _MODE_ID[mode],
                               np.asarray(background, np.float32), np.float32(dr[0]), np.float32(dr[1]),
                               self._palette, self._display)
         if target is not None:
