@@ -2,7 +2,7 @@
 quality per frame subsampling, and mesh vs surfel visibility.
 
 Part 1, for each ``--steps`` value (``init.frame_step``: use every n-th training frame),
-one :func:`fmgs.trainer.aggregate.aggregate_sequence` run over the 455 training frames at
+one :func:`fmgs.trainer.init.aggregate.aggregate_sequence` run over the 455 training frames at
 512^2 (``visibility: mesh``), split into stages (seconds, summed over frames):
 
 * ``frame``: cached uint8 image -> float frame (background composite);
@@ -39,9 +39,9 @@ import torch
 
 from fmgs.body_model import lbs_points
 from fmgs.trainer import aggregate as ag
-from fmgs.trainer.config import load_config
-from fmgs.trainer.model import frame_bone_transforms
-from fmgs.trainer.train import build_setup, open_sequence
+from fmgs.config import load_config
+from fmgs.trainer.models.foundation import frame_bone_transforms
+from fmgs.trainer.engine.train import build_setup, open_sequence
 
 
 def stage_timings(cfg, setup, seq, steps, eval_frames):
@@ -80,7 +80,7 @@ def compare_visibility(cfg, setup, seq, n_frames):
         a = time.perf_counter()
         dm = ag.mesh_depth_map(lbs_points(sf.verts, sf.mesh_skin_weights, B), sf.faces, fr.camera)
         b = time.perf_counter()
-        from fmgs.trainer.fields import blend_lbs
+        from fmgs.trainer.models.fields import blend_lbs
 
         with torch.no_grad():
             f32 = torch.float32

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fmgs.trainer.hashgrid import HashGrid, HashGridConfig
+from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig
 
 
 def _timed(fn, repeats, device):

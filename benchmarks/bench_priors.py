@@ -31,7 +31,7 @@ import numpy as np
 from fmgs.paths import smpl_neutral_path, zju_subject_path
 from fmgs.priors import BodyModelPriorProducer, PriorSet, SAPIENS_CLASSES
 from fmgs.sapiens import NORMAL_CONVENTIONS, SapiensConverter, read_sapiens_frame, undistort_map
-from fmgs.trainer.data import HumanNeRFSequence
+from fmgs.trainer.data.humannerf import HumanNeRFSequence
 
 
 def _time(fn, names):
@@ -146,8 +146,8 @@ def main():
         if not args.skip_torch:
             import torch
 
-            from fmgs.trainer.data import read_image, undistort_image
-            from fmgs.trainer.sapiens_run import SapiensModel
+            from fmgs.trainer.data.humannerf import read_image, undistort_image
+            from fmgs.trainer.data.sapiens_run import SapiensModel
 
             torch.set_num_threads(args.threads)
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fmgs.trainer.rasterizer import rasterize_surfels
+from fmgs.trainer.render.dispatch import rasterize_surfels
 
 
 def make_scene(n: int, res: int, extras: int, seed: int = 0, dtype=torch.float32):

@@ -31,10 +31,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.losses import mask_bce_loss, photometric_loss
-    from fmgs.trainer.model import frame_bone_transforms
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.config import load_config
+    from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
+    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.render.dispatch import rasterize_surfels
     from fmgs.trainer import train as T
 
     rows = []
@@ -48,9 +48,9 @@ def main() -> None:
         opt = T.make_optimizer(cfg, model)
         if full:
             from fmgs.priors import load_priors
-            from fmgs.trainer.coordinated import coordinated_backward
-            from fmgs.trainer.full_model import canonical_pose_joints, pose_frame, render_full
-            from fmgs.trainer.objectives import full_loss_groups
+            from fmgs.trainer.losses.coordinated import coordinated_backward
+            from fmgs.trainer.models.full import canonical_pose_joints, pose_frame, render_full
+            from fmgs.trainer.losses.objectives import full_loss_groups
 
             priors = load_priors(cfg.data.root, seq.names, res, cfg.data.priors_dir)
             cano_joints = torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32)

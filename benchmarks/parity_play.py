@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from fmgs.runtime.gl_renderer import SurfelRenderer, create_headless_context
     from fmgs.runtime.pipeline import AvatarPipeline
     from fmgs.runtime.splat_cpu import CpuSurfelRenderer
-    from fmgs.trainer.model import frame_bone_transforms
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.render.dispatch import rasterize_surfels
 
     run = load_run(args.run_dir)
     pipe = AvatarPipeline(args.bundle, array_backend="numpy")
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         cam = cam.scaled(args.size / cam.width).without_distortion()
         with torch.no_grad():
             if run.kind == "full":
-                from fmgs.trainer.full_model import pose_frame, render_full
+                from fmgs.trainer.models.full import pose_frame, render_full
 
                 rot, B = pose_frame(pose["poses"], None, None, run.setup.rest_joints, run.setup.canonical_G,
                                     pose["world_from_body"])

@@ -46,9 +46,9 @@ class LoadedRun:
         cfg: resolved run config (OmegaConf).
         kind: ``"full"`` or ``"foundation"``.
         iteration: completed training iterations of the checkpoint.
-        setup: :class:`fmgs.trainer.train.AvatarSetup` (SMPL, betas, surfels, ``G_c``).
+        setup: :class:`fmgs.trainer.engine.train.AvatarSetup` (SMPL, betas, surfels, ``G_c``).
         model: the avatar in eval mode on the CPU, float32.
-        train_seq: the training split (:class:`fmgs.trainer.data.HumanNeRFSequence`; images
+        train_seq: the training split (:class:`fmgs.trainer.data.humannerf.HumanNeRFSequence`; images
             are not loaded).
     """
 
@@ -95,9 +95,9 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         FmgsInputError: not a run folder, unreadable checkpoint, data missing, or a
             checkpoint that does not fit the model its config describes (names the file).
     """
-    from fmgs.trainer.checkpoint import checkpoint_path, load_checkpoint
-    from fmgs.trainer.evaluate import load_run_config
-    from fmgs.trainer.train import build_model, build_setup, is_full, open_sequence
+    from fmgs.trainer.engine.checkpoint import checkpoint_path, load_checkpoint
+    from fmgs.trainer.engine.evaluate import load_run_config
+    from fmgs.trainer.engine.train import build_model, build_setup, is_full, open_sequence
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -175,7 +175,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _bake_full(run: LoadedRun, fold: bool) -> Baked:
     from fmgs.export.modules import fold_first_layer, geometry_foldable
-    from fmgs.trainer.fields import normalize_canonical_joints
+    from fmgs.trainer.models.fields import normalize_canonical_joints
 
     m = run.model
     feats = m.canonical_features()
@@ -214,7 +214,7 @@ def _bake_full(run: LoadedRun, fold: bool) -> Baked:
 
 def _bake_foundation(run: LoadedRun, fold: bool) -> Baked:
     from fmgs.export.modules import fold_first_layer
-    from fmgs.trainer.fields import sh_basis
+    from fmgs.trainer.models.fields import sh_basis
 
     m = run.model
     n = m.frames[:, :, 2]

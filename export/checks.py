@@ -60,7 +60,7 @@ def _err(a, b) -> float:
 
 
 def numpy_lbs(W: np.ndarray, B: np.ndarray, centers: np.ndarray, rotations: np.ndarray):
-    """Forward LBS in NumPy (eq. 10-12, as :func:`fmgs.trainer.fields.blend_lbs`).
+    """Forward LBS in NumPy (eq. 10-12, as :func:`fmgs.trainer.models.fields.blend_lbs`).
 
     Args:
         W: ``(S, 24)`` skinning weights; B: ``(24, 4, 4)`` world-from-canonical bone
@@ -95,7 +95,7 @@ def canonical_view_dirs(means: np.ndarray, T: np.ndarray, camera_center: np.ndar
 
 
 def _frame_inputs(run: LoadedRun, pose: dict):
-    from fmgs.trainer.full_model import pose_frame
+    from fmgs.trainer.models.full import pose_frame
 
     m = run.model
     pc = getattr(m, "pose_correction", None)
@@ -136,7 +136,7 @@ def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, f
     for pose in poses:
         cam = pose[cam_key]
         if run.kind == "full":
-            from fmgs.trainer.full_model import canonical_pose_joints
+            from fmgs.trainer.models.full import canonical_pose_joints
 
             rot, B = _frame_inputs(run, pose)
             posed = m(rot, B, torch.as_tensor(cam, dtype=torch.float32),
@@ -158,7 +158,7 @@ def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, f
             c_in = {"appearance_features": s["appearance_features"], "z_g": _np(z_g_t), "pose_code": _np(z_p)}
             if view:
                 d = F.normalize(posed.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
-                from fmgs.trainer.fields import canonicalize_view_dirs
+                from fmgs.trainer.models.fields import canonicalize_view_dirs
 
                 c_in["view_dirs"] = _np(canonicalize_view_dirs(d, posed.transforms))
             (col,) = sess["color"].run(None, c_in)
@@ -182,8 +182,8 @@ def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, f
             e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
             e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))
         else:
-            from fmgs.trainer.fields import blend_lbs
-            from fmgs.trainer.model import frame_bone_transforms
+            from fmgs.trainer.models.fields import blend_lbs
+            from fmgs.trainer.models.foundation import frame_bone_transforms
 
             B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
                                       pose["poses"], pose["world_from_body"])
@@ -259,7 +259,7 @@ def skinning_bake_check(run: LoadedRun, baked: Baked, frames: int = 32) -> dict:
     if run.kind != "full" or m.skinning_field is None:
         return {"applicable": False, "frames": 0, "exact": True,
                 "note": "skinning weights are SMPL's (no skinning field): the bake is exact"}
-    from fmgs.trainer.fields import apply_geometry_residual
+    from fmgs.trainer.models.fields import apply_geometry_residual
 
     W0 = torch.as_tensor(baked.surfels["skin_weights"])                      # what the bundle stores
     prior = m.skin_weights if m.cfg.skinning_prior else None

@@ -19,7 +19,7 @@ Two exact rewrites make the per-frame graphs cheap in ONNX Runtime (CPU, 55k sur
   Gather (:func:`hash_encode_gather`; ``embedding_bag`` exports as a Loop that is quadratic in
   ``S``).
 
-Full model (:class:`fmgs.trainer.full_model.FMGSAvatar`):
+Full model (:class:`fmgs.trainer.models.full.FMGSAvatar`):
 
 * :class:`PoseEncoderModule` -- ``rot_mats (24,3,3) -> pose_code (1,16)`` (hierarchical pose
   encoder; the normalised canonical joints are a constant of the graph).
@@ -27,7 +27,7 @@ Full model (:class:`fmgs.trainer.full_model.FMGSAvatar`):
 * :class:`ColorModule` -- eq. 7: ``(f_c or W_1 f_c, z_g, Z_p, d_hat) -> colours``.
 * :class:`SkinningModule` -- eq. 9 live: ``(points, prior_weights) -> W``.
 
-Foundation model (:class:`fmgs.trainer.model.SurfelAvatar`):
+Foundation model (:class:`fmgs.trainer.models.foundation.SurfelAvatar`):
 
 * :class:`FoundationColorModule` -- ``(f_c or W_1 f_c, d_hat) -> colours`` (colour MLP on
   ``[f_c, SH_3(d_hat)]``).
@@ -40,17 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmgs.trainer.fields import _C0 as _SH_C0  # degree-0 real SH constant (band 0 of sh_basis)
-from fmgs.trainer.fields import sh_basis
+from fmgs.trainer.models.fields import _C0 as _SH_C0  # degree-0 real SH constant (band 0 of sh_basis)
+from fmgs.trainer.models.fields import sh_basis
 
 
 class PoseEncoderModule(nn.Module):
     """``Z_p = E(R_1..R_23, J_hat)`` (3DGS-Avatar's hierarchical encoder, used by eq. 3 and 7).
 
     Args:
-        encoder: the trained :class:`~fmgs.trainer.fields.HierarchicalPoseEncoder`.
+        encoder: the trained :class:`~fmgs.trainer.models.fields.HierarchicalPoseEncoder`.
         joints_normalized: ``(24, 3)`` normalised canonical joints
-            (:func:`~fmgs.trainer.fields.normalize_canonical_joints`), baked as a constant.
+            (:func:`~fmgs.trainer.models.fields.normalize_canonical_joints`), baked as a constant.
 
     Forward: ``rot_mats (24, 3, 3)`` float32 local joint rotations (joint 0 ignored) ->
     ``pose_code (1, 16)``.
@@ -89,7 +89,7 @@ def fold_first_layer(features: torch.Tensor, linear: nn.Linear, cols: slice) -> 
 
 
 def _so3_exp_entries(v: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Entries ``E[k][j]`` ``(S,)`` of :func:`~fmgs.trainer.fields.so3_exp` (Rodrigues, eq. 6) of
+    """Entries ``E[k][j]`` ``(S,)`` of :func:`~fmgs.trainer.models.fields.so3_exp` (Rodrigues, eq. 6) of
     the planar rotation vectors ``v`` ``(3, S)``.
 
     ``exp([v]_x) = I + a K + b K^2`` with ``K^2 = v v^T - |v|^2 I``: every entry is an
@@ -139,13 +139,13 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
 
 
 def sh_bands_without_dc(dirs: torch.Tensor, degree: int) -> list[torch.Tensor]:
-    """The non-constant real SH basis functions of :func:`~fmgs.trainer.fields.sh_basis`
+    """The non-constant real SH basis functions of :func:`~fmgs.trainer.models.fields.sh_basis`
     (bands 1..degree, same order and signs): ``(degree+1)^2 - 1`` tensors ``(S,)``.
 
     Band 0 is the constant ``C0``; the folded colour graphs add its contribution to the
     per-frame bias instead of computing a column of constants per surfel.
     """
-    from fmgs.trainer.fields import sh_bands
+    from fmgs.trainer.models.fields import sh_bands
 
     return sh_bands(dirs, degree, with_dc=False)
 
@@ -156,8 +156,8 @@ def geometry_foldable(field: nn.Module | None) -> bool:
 
 
 class GeometryModule(nn.Module):
-    """Geometry residual, eq. 3-6 (:class:`~fmgs.trainer.fields.GeometryResidualField` +
-    :func:`~fmgs.trainer.fields.apply_geometry_residual`).
+    """Geometry residual, eq. 3-6 (:class:`~fmgs.trainer.models.fields.GeometryResidualField` +
+    :func:`~fmgs.trainer.models.fields.apply_geometry_residual`).
 
     Args:
         field: the trained field, or None (field switched off: identity correction, ``z_g = 0``).
@@ -216,7 +216,7 @@ class GeometryModule(nn.Module):
 
 
 class ColorModule(nn.Module):
-    """Pose- and view-conditioned colour, eq. 7 (:class:`~fmgs.trainer.fields.AppearanceField`).
+    """Pose- and view-conditioned colour, eq. 7 (:class:`~fmgs.trainer.models.fields.AppearanceField`).
 
     Args:
         field: the trained appearance field (first layer on ``[f_c, z_g, Z_p, SH(d_hat)]``).
@@ -262,7 +262,7 @@ class ColorModule(nn.Module):
 
 
 class SkinningModule(nn.Module):
-    """Skinning field, eq. 9 (:class:`~fmgs.trainer.fields.SkinningField`), evaluated live.
+    """Skinning field, eq. 9 (:class:`~fmgs.trainer.models.fields.SkinningField`), evaluated live.
 
     Forward: ``points (S,3)`` canonical positions (m) [, ``prior_weights (S,24)`` SMPL weights
     when the field was trained with the ``log(prior)`` offset] -> ``skin_weights (S,24)``.
@@ -292,7 +292,7 @@ class SkinningModule(nn.Module):
 
 
 def hash_encode_gather(grid: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """:class:`~fmgs.trainer.hashgrid.HashGrid` encoding of ``x`` as plain Gather + weighted sum.
+    """:class:`~fmgs.trainer.models.hashgrid.HashGrid` encoding of ``x`` as plain Gather + weighted sum.
 
     ``HashGrid.forward`` sums the 8 corners of each (point, level) with ``embedding_bag``,
     which the ONNX exporter lowers to a Loop over bags whose cost grows quadratically with
@@ -317,7 +317,7 @@ def hash_encode_gather(grid: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FoundationColorModule(nn.Module):
     """Colour of the foundation model: ``sigmoid(MLP([f_c, SH_deg(normalize(d_hat))]))``
-    (:class:`fmgs.trainer.model.SurfelAvatar`, the view-dependent part of eq. 7).
+    (:class:`fmgs.trainer.models.foundation.SurfelAvatar`, the view-dependent part of eq. 7).
 
     Args:
         mlp: the trained colour MLP (``nn.Sequential``, first layer on ``[f_c, SH]``).

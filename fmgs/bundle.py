@@ -116,7 +116,7 @@ CONVENTIONS: dict[str, str] = {
                         "G_c = body_model.canonical_bone_transforms (3DGS-Avatar convention)"),
     "lbs": ("T_s = sum_b W_sb B_b; mu_o = T mu'; R_o = T[:3,:3] R' re-orthonormalised: t_u <- M t_u, "
             "t_v <- M t_v, n = normalize(t_u x t_v), t_u = normalize(t_u), t_v = n x t_u "
-            "(fmgs.trainer.fields.blend_lbs, eq. 10-12)"),
+            "(fmgs.trainer.models.fields.blend_lbs, eq. 10-12)"),
     "cameras": "world-to-camera extrinsics, OpenCV axes (x right, y down, z forward), K in pixels",
     "pixel_centres": "pixel (i, j) has its centre at (j + 0.5, i + 0.5)",
     "surfel_frames": "rotation columns [t_u, t_v, n]; scales (s_u, s_v) are Gaussian std-devs in metres",

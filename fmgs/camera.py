@@ -16,7 +16,7 @@ Conventions
   multiplication; like 3DGS-Avatar and HumanNeRF we use it as is.
 * **Distortion** ``dist`` is OpenCV's ``(k1, k2, p1, p2, k3)``. :meth:`Camera.project` is
   the ideal pinhole projection and ignores ``dist`` (images are undistorted at load time,
-  see :mod:`fmgs.trainer.data`); :meth:`Camera.project_distorted` applies it.
+  see :mod:`fmgs.trainer.data.humannerf`); :meth:`Camera.project_distorted` applies it.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ On-disk format (one folder per sequence, by default ``<sequence>/priors/``)::
 
 ``<frame>`` is the sequence's frame name (e.g. ``frame_000123``). All maps share the
 resolution stored in ``meta.json`` and are pixel-aligned with the images the trainer sees:
-the *undistorted* images of :class:`fmgs.trainer.data.HumanNeRFSequence` at native size
+the *undistorted* images of :class:`fmgs.trainer.data.humannerf.HumanNeRFSequence` at native size
 (``meta.json`` ``geometry: "undistorted"``). Any modality may be missing (whole folder, or
 single frames); :func:`load_priors` returns None for it and the matching losses switch off.
 
@@ -752,7 +752,7 @@ class BodyModelPriorProducer:
     renders them with the frame's (undistorted) camera.
 
     Args:
-        seq: :class:`fmgs.trainer.data.HumanNeRFSequence` (any split / frames; only
+        seq: :class:`fmgs.trainer.data.humannerf.HumanNeRFSequence` (any split / frames; only
             cameras, poses and betas are used; no pixels are loaded).
         parts_path: ``smplh_parts_segm.pkl`` or None (see :func:`smpl_face_joint_ids`).
     """

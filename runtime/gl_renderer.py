@@ -3,7 +3,7 @@
 One primitive per surfel; the fragment shader intersects every pixel ray with the surfel
 plane and evaluates the exact 2DGS local coordinates (u, v) with the screen-space low-pass
 filter (Huang et al., "2D Gaussian Splatting", SIGGRAPH 2024, eq. 9-12), exactly as the
-trainer's reference rasteriser (:mod:`fmgs.trainer.raster_cpu`):
+trainer's reference rasteriser (:mod:`fmgs.trainer.render.cpu`):
 ``alpha = min(0.99, o exp(-min(rho3d, rho2d)/2))`` with ``rho2d = 2 |pix - proj(p)|^2``
 (pixels), fragments below 1/255 discarded, fragment depth = ray-plane intersection depth
 where the 3D term is used, else the centre depth, normals flipped to face the camera.
@@ -726,7 +726,7 @@ class SurfelRenderer(SurfelTableMixin):
         ``alpha`` (H, W); after a ``normal``/``depth`` draw also ``normal`` (H, W, 3)
         ``sum_i w_i n_i`` (camera space, unnormalised), ``depth_acc`` (H, W) and ``depth``
         ``depth_acc / max(alpha, 1e-6)`` (metres) -- as
-        :class:`fmgs.trainer.rasterizer.RenderOutput`.
+        :class:`fmgs.trainer.render.dispatch.RenderOutput`.
         """
         fbo = self._fbo_rgb if self._last_mode == "rgb" else self._fbo_geo
         c = self._read(fbo, 0).astype(np.float32) if self.precision != "f1" else \

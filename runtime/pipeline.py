@@ -2,7 +2,7 @@
 
 For one frame (pose ``theta`` (24, 3) axis-angle, body placement ``world_from_body``,
 camera centre ``c``), :meth:`AvatarPipeline.frame` computes exactly what the trainer's
-:meth:`fmgs.trainer.full_model.FMGSAvatar.forward` computes (the bundle contract of
+:meth:`fmgs.trainer.models.full.FMGSAvatar.forward` computes (the bundle contract of
 ``docs/bundle.md``):
 
 1. **pose** -- ``R_b = rodrigues(theta_b)``, ``G_pose = forward_kinematics(R, rest_joints,
@@ -11,7 +11,7 @@ camera centre ``c``), :meth:`AvatarPipeline.frame` computes exactly what the tra
 2. **inference** -- ``Z_p = pose_encoder(R)``; ``(mu', R', s', z_g) = geometry(f_g, Z_p, mu, R,
    s)`` (eq. 3-6); after skinning, ``colours = color(f_c, z_g, Z_p, d_hat)`` (eq. 7) --
    ONNX Runtime or TensorRT (:mod:`fmgs.runtime.inference`);
-3. **skinning** -- eq. 10-12 as ``fmgs.trainer.fields.blend_lbs``: ``T = sum_b W_b B_b``,
+3. **skinning** -- eq. 10-12 as ``fmgs.trainer.models.fields.blend_lbs``: ``T = sum_b W_b B_b``,
    ``mu_o = T mu'``, ``t_u = M t_u'``, ``t_v = M t_v'``, ``n = normalize(t_u x t_v)``,
    ``t_u = normalize(t_u)``, ``t_v = n x t_u`` (``M = T[:3, :3]``); view directions
    ``d = normalize(mu_o - c)``, ``d_hat = normalize(inv(M) d)`` (``inverse``, full model,

@@ -1,7 +1,7 @@
 """CPU splatting renderer of 2D Gaussian surfels (numba), for machines without a GPU.
 
 The same image as :class:`fmgs.runtime.gl_renderer.SurfelRenderer` (and as the trainer's
-reference rasteriser, :mod:`fmgs.trainer.raster_cpu`), computed by two numba kernels instead
+reference rasteriser, :mod:`fmgs.trainer.render.cpu`), computed by two numba kernels instead
 of OpenGL. On a CPU-only machine OpenGL means Mesa's llvmpipe, which must shade every pixel of
 every surfel's support back to front; here the surfels are blended **front to back** and a
 pixel stops as soon as its transmittance would drop below 1e-4 (2DGS / the trainer's early
@@ -13,7 +13,7 @@ docs/benchmarks.md).
 Per frame (:meth:`CpuSurfelRenderer.draw`):
 
 1. **Setup** (one parallel kernel over the drawn surfels, in front-to-back order): the
-   per-surfel camera terms of :func:`fmgs.trainer.raster_cpu.surfel_camera_terms` /
+   per-surfel camera terms of :func:`fmgs.trainer.render.cpu.surfel_camera_terms` /
    ``surfel.vert`` -- the ray-splat matrix ``M`` premultiplied by ``K^-1`` (so that
    ``q = M (x, y, 1)`` for pixel centres), the projected centre, the cut-off
    ``r2 = 2 ln(o / alpha_min)``, the camera-facing normal, ``b = n . p`` and the centre depth

@@ -1,6 +1,6 @@
 """Test helper (not a test module): a small full FMGS avatar, its bundle and its trainer render.
 
-Builds :class:`fmgs.trainer.full_model.FMGSAvatar` on real canonical SMPL surfels
+Builds :class:`fmgs.trainer.models.full.FMGSAvatar` on real canonical SMPL surfels
 (``subdivisions=0``: 13,776 surfels), gives every field non-trivial random weights (so the
 geometry residual, pose code and view-dependent colour all matter), bakes the pose-independent
 parts, exports the three models with ``torch.onnx.export`` and writes a schema-1 bundle with
@@ -21,8 +21,8 @@ from torch import nn
 from fmgs.body_model import load_smpl
 from fmgs.bundle import make_body_model, write_bundle
 from fmgs.surfels import build_canonical_surfels
-from fmgs.trainer.fields import apply_geometry_residual, normalize_canonical_joints
-from fmgs.trainer.full_model import FMGSAvatar, FullModelConfig
+from fmgs.trainer.models.fields import apply_geometry_residual, normalize_canonical_joints
+from fmgs.trainer.models.full import FMGSAvatar, FullModelConfig
 
 
 class _PoseEnc(nn.Module):
@@ -127,14 +127,14 @@ def export_small_bundle(model: FMGSAvatar, surfels, out_dir: Path) -> Path:
 
 
 def surfels_parents():
-    from fmgs.trainer.fields import SMPL_PARENTS
+    from fmgs.trainer.models.fields import SMPL_PARENTS
 
     return list(SMPL_PARENTS)
 
 
 def trainer_posed(model: FMGSAvatar, surfels, poses, world_from_body, camera_center):
     """The trainer's posed surfels (FMGSAvatar.forward) for one frame, float32 torch."""
-    from fmgs.trainer.full_model import pose_frame
+    from fmgs.trainer.models.full import pose_frame
 
     with torch.no_grad():
         rot, B = pose_frame(np.asarray(poses, np.float64).reshape(72), None, None, surfels.rest_joints,

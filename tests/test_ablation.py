@@ -10,7 +10,7 @@ from test_train_e2e import TINY
 
 
 def test_ablation_runner_tiny(tmp_path, zju377, data_root, monkeypatch):
-    from fmgs.trainer.ablation import VARIANTS, ablate_main
+    from fmgs.trainer.cli.ablate import VARIANTS, ablate_main
 
     monkeypatch.setenv("FMGS_DATA", str(data_root))
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Instant avatar (issue 7, ``fmgs.trainer.aggregate``) on a synthetic scene with known colours.
+"""Instant avatar (issue 7, ``fmgs.trainer.init.aggregate``) on a synthetic scene with known colours.
 
 The scene: two icospheres bound to two "bones" (sphere A, 320 faces, spins about the
 vertical axis; sphere B, 80 faces, orbits A and passes in front of and behind it), seen
@@ -407,7 +407,7 @@ def test_warm_start_lowers_colour_error(scene, result):
     """Fitting the foundation model's appearance to the fused colours lowers its colour
     error, measured independently through the model's forward pass (front-facing surfels
     of a distant camera, so view directions are near head-on)."""
-    from fmgs.trainer.model import SurfelAvatar
+    from fmgs.trainer.models.foundation import SurfelAvatar
 
     torch.manual_seed(0)
     mcfg = OmegaConf.create({"hash_grid": {"n_levels": 8, "n_features_per_level": 2, "log2_hashmap_size": 12,
@@ -439,7 +439,7 @@ TINY = ["data.image_size=96", "data.train_range=[0,12]", "data.train_step=3", "d
 
 def _cli(args, data_root):
     env = dict(os.environ, FMGS_DATA=str(data_root), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO_ROOT)
 
 

@@ -1,4 +1,4 @@
-"""HumanNeRF-format reader (fmgs.trainer.data) and pinhole cameras (fmgs.camera) on real ZJU 377."""
+"""HumanNeRF-format reader (fmgs.trainer.data.humannerf) and pinhole cameras (fmgs.camera) on real ZJU 377."""
 from __future__ import annotations
 
 import pickle
@@ -13,7 +13,7 @@ from fmgs.body_model import load_smpl, world_from_body
 from fmgs.camera import Camera
 from fmgs.errors import FmgsInputError
 from fmgs.pickle_io import load_pickle
-from fmgs.trainer.data import (Frame, HumanNeRFSequence, SplitConfig, read_image, read_mask,
+from fmgs.trainer.data.humannerf import (Frame, HumanNeRFSequence, SplitConfig, read_image, read_mask,
                                undistort_image)
 
 FEW = [0, 137, 300, 455, 565]

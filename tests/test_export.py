@@ -31,7 +31,7 @@ TINY = ["data.image_size=64", "data.train_range=[0,12]", "data.train_step=3", "d
 
 
 def _train(out: Path, data_root: Path, extra: list[str]) -> Path:
-    from fmgs.trainer.cli import train_main
+    from fmgs.trainer.cli.main import train_main
 
     os.environ["FMGS_DATA"] = str(data_root)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -71,8 +71,8 @@ def foundation_export(tmp_path_factory, zju377, data_root):
 
 
 def _rebuild(run: Path):
-    from fmgs.trainer.evaluate import load_run_config
-    from fmgs.trainer.train import build_model, build_setup, open_sequence
+    from fmgs.trainer.engine.evaluate import load_run_config
+    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence
 
     cfg = load_run_config(run)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -123,7 +123,7 @@ def _read_ply(path: Path) -> tuple[list[str], np.ndarray]:
 # =========================================================================== full model
 def test_full_bundle_round_trips_with_independent_constants(full_export):
     from fmgs.bundle import read_bundle
-    from fmgs.trainer.hashgrid import normalize_to_bbox
+    from fmgs.trainer.models.hashgrid import normalize_to_bbox
 
     run, bdir, _ = full_export
     b = read_bundle(bdir)
@@ -213,7 +213,7 @@ def test_skinning_bake_check_for_a_corrected_query_model(full_export):
 def test_ort_chain_matches_torch_on_a_heldout_pose(full_export):
     """Drive the bundle like the runtime (NumPy float64 LBS, ORT models) on a test-split pose."""
     from fmgs.bundle import read_bundle
-    from fmgs.trainer.full_model import canonical_pose_joints, pose_frame
+    from fmgs.trainer.models.full import canonical_pose_joints, pose_frame
 
     run, bdir, _ = full_export
     b = read_bundle(bdir)
@@ -252,7 +252,7 @@ def test_ort_chain_matches_torch_on_a_heldout_pose(full_export):
 def test_runtime_plays_the_exported_bundle(full_export):
     """The torch-free runtime (unchanged) poses the folded bundle like the trainer's forward."""
     from fmgs.runtime.pipeline import AvatarPipeline
-    from fmgs.trainer.full_model import canonical_pose_joints, pose_frame
+    from fmgs.trainer.models.full import canonical_pose_joints, pose_frame
 
     run, bdir, _ = full_export
     _, _, setup, model, test = _rebuild(run)
@@ -274,8 +274,8 @@ def test_ply_holds_the_canonical_avatar(full_export):
 
     from fmgs.body_model import axis_angle_to_matrix
     from fmgs.export.ply import SH_C0, THIN_SCALE
-    from fmgs.trainer.fields import apply_geometry_residual, normalize_canonical_joints
-    from fmgs.trainer.hashgrid import normalize_to_bbox
+    from fmgs.trainer.models.fields import apply_geometry_residual, normalize_canonical_joints
+    from fmgs.trainer.models.hashgrid import normalize_to_bbox
 
     run, bdir, _ = full_export
     header, v = _read_ply(bdir / "avatar.ply")
@@ -374,8 +374,8 @@ def test_cli_errors(tmp_path, full_export):
 def test_foundation_export(foundation_export):
     from fmgs.bundle import read_bundle
     from fmgs.runtime.pipeline import AvatarPipeline
-    from fmgs.trainer.hashgrid import normalize_to_bbox
-    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.models.hashgrid import normalize_to_bbox
+    from fmgs.trainer.models.foundation import frame_bone_transforms
 
     run, bdir, rep = foundation_export
     b = read_bundle(bdir)
@@ -444,7 +444,7 @@ def test_geometry_module_bounded_displacement_matches_the_trainer():
     eq. 4-6 applied to the field's residual with delta_d -> d_max tanh(delta_d / d_max),
     on residuals large enough (|delta_d| up to ~0.3 m) for the bound to act."""
     from fmgs.export.modules import GeometryModule, fold_first_layer
-    from fmgs.trainer.fields import GeometryResidualField, apply_geometry_residual, so3_exp
+    from fmgs.trainer.models.fields import GeometryResidualField, apply_geometry_residual, so3_exp
 
     torch.manual_seed(3)
     S, md = 500, 0.02
@@ -479,8 +479,8 @@ def test_elementwise_rewrites_equal_the_trainer_functions():
     """rotate_local / sh_bands_without_dc / hash_encode_gather / fold_first_layer against the
     trainer's so3_exp @, sh_basis, HashGrid.forward and nn.Linear, in float64."""
     from fmgs.export.modules import fold_first_layer, hash_encode_gather, rotate_local, sh_bands_without_dc
-    from fmgs.trainer.fields import sh_basis, so3_exp
-    from fmgs.trainer.hashgrid import HashGrid, HashGridConfig
+    from fmgs.trainer.models.fields import sh_basis, so3_exp
+    from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig
 
     g = torch.Generator().manual_seed(0)
     R = torch.linalg.qr(torch.randn(500, 3, 3, generator=g, dtype=torch.float64))[0]

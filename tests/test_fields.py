@@ -1,4 +1,4 @@
-"""Neural fields of the full model (trainer/fields.py): shapes, identities, rotations, LBS."""
+"""Neural fields of the full model (trainer/models/fields.py): shapes, identities, rotations, LBS."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from fmgs.trainer import fields as fl
-from fmgs.trainer.fields import (
+from fmgs.trainer.models.fields import (
     AppearanceField,
     GeometryResidual,
     GeometryResidualField,
@@ -30,7 +30,7 @@ from fmgs.trainer.fields import (
     skinning_weight_schedule,
     so3_exp,
 )
-from fmgs.trainer.model import SurfelAvatar
+from fmgs.trainer.models.foundation import SurfelAvatar
 
 S = 1000
 

@@ -1,10 +1,10 @@
-"""The full FMGS-Avatar model (trainer/full_model.py) and the coordinated training
-strategy (trainer/coordinated.py, paper Sec. 4.5) on real ZJU-MoCap 377 / SMPL data.
+"""The full FMGS-Avatar model (trainer/models/full.py) and the coordinated training
+strategy (trainer/losses/coordinated.py, paper Sec. 4.5) on real ZJU-MoCap 377 / SMPL data.
 
 The gradient-isolation proofs render the real posed avatar (a 64x64 crop of the real
 512x512 camera, so that surfels cover several pixels and the ray-plane intersection
 depth depends on the surfel orientation), evaluate the real losses of
-trainer/losses.py, and check model-parameter gradients: with the strategy on, the
+trainer/losses/terms.py, and check model-parameter gradients: with the strategy on, the
 blocked paths give EXACTLY zero; with it off, the same quantities are non-zero.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fmgs.trainer import losses as L
-from fmgs.trainer.coordinated import BLOCKED, coordinated_backward
-from fmgs.trainer.full_model import (
+from fmgs.trainer.losses.coordinated import BLOCKED, coordinated_backward
+from fmgs.trainer.models.full import (
     FMGSAvatar, FullModelConfig, canonical_pose_joints, pose_frame, render_full,
 )
 
@@ -25,7 +25,7 @@ CROP = 64
 
 
 def _cfg(zju377, smpl_path, subdivisions: int, image_size: int):
-    from fmgs.trainer.config import load_config
+    from fmgs.config import load_config
 
     return load_config(None, [
         f"data.root={zju377}", f"data.smpl_path={smpl_path}",
@@ -38,7 +38,7 @@ def _cfg(zju377, smpl_path, subdivisions: int, image_size: int):
 @pytest.fixture(scope="module")
 def real(zju377, smpl_path):
     """Real 55k-surfel setup (one SMPL subdivision) and a test frame at 64 px."""
-    from fmgs.trainer.train import build_setup, open_sequence
+    from fmgs.trainer.engine.train import build_setup, open_sequence
 
     cfg = _cfg(zju377, smpl_path, subdivisions=1, image_size=64)
     seq = open_sequence(cfg, "test")
@@ -55,8 +55,8 @@ def _frame_inputs(setup, fr, model):
 def test_pose_frame_equals_frame_bone_transforms_and_is_differentiable(real):
     """Torch posing (float64, zero correction) equals the NumPy frame_bone_transforms;
     the correction of frame k receives a gradient, the other frames' do not."""
-    from fmgs.trainer.fields import PoseCorrection
-    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.models.fields import PoseCorrection
+    from fmgs.trainer.models.foundation import frame_bone_transforms
 
     _, seq, setup = real
     fr = seq[1]
@@ -120,8 +120,8 @@ def test_full_model_shapes_and_invariants(real):
 def test_zero_residual_without_skinning_field_equals_foundation(real):
     """Zero-initialised geometry residual + SMPL skinning weights: posed centres, frames and
     scales equal the foundation SurfelAvatar's for the same frame."""
-    from fmgs.trainer.model import frame_bone_transforms
-    from fmgs.trainer.train import build_model
+    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.engine.train import build_model
 
     cfg, seq, setup = real
     torch.manual_seed(0)
@@ -150,8 +150,8 @@ def test_static_offsets_match_the_foundation_static_geometry(real):
     a few mm / +-0.3), the zero-residual full model with SMPL skinning poses exactly the
     surfels of the foundation model (its static eq. 4-5); they get gradients; without the
     switch the model has no such parameters."""
-    from fmgs.trainer.model import frame_bone_transforms
-    from fmgs.trainer.train import build_model
+    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.engine.train import build_model
 
     cfg, seq, setup = real
     torch.manual_seed(1)
@@ -188,7 +188,7 @@ def test_static_offsets_match_the_foundation_static_geometry(real):
 def test_shared_lookup_fused_gather_equals_per_grid_encoding(real):
     """One precomputed lookup serves the three grids; the fused gather equals per-grid
     on-the-fly encodings, in value and in table gradients."""
-    from fmgs.trainer.hashgrid import normalize_to_bbox
+    from fmgs.trainer.models.hashgrid import normalize_to_bbox
 
     _, _, setup = real
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import cuda_available
-from fmgs.trainer.hashgrid import (
+from fmgs.trainer.models.hashgrid import (
     HashGrid,
     HashGridConfig,
     make_hash_encoding,
@@ -293,7 +293,7 @@ def test_tcnn_matches_pure_torch():
     if not cuda_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("tinycudann")
-    from fmgs.trainer.hashgrid import TcnnHashGrid
+    from fmgs.trainer.models.hashgrid import TcnnHashGrid
 
     cfg = HashGridConfig()
     t = TcnnHashGrid(cfg).cuda()

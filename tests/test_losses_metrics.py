@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from fmgs.trainer.losses import (
+from fmgs.trainer.losses.terms import (
     dssim_loss,
     l1_loss,
     mask_bce_loss,
@@ -16,7 +16,7 @@ from fmgs.trainer.losses import (
     ssim,
     ssim_map,
 )
-from fmgs.trainer.metrics import LPIPSMetric, metric_library_versions, psnr, ssim_metric
+from fmgs.trainer.engine.metrics import LPIPSMetric, metric_library_versions, psnr, ssim_metric
 
 
 def smooth_image(rng, h, w):
@@ -167,7 +167,7 @@ def test_lpips_unavailable_without_network(monkeypatch, tmp_path):
 
 def test_semantic_confusion_and_scores_by_hand():
     """Rendered part map vs labels on a 2x3 image with known counts."""
-    from fmgs.trainer.metrics import semantic_confusion, semantic_scores
+    from fmgs.trainer.engine.metrics import semantic_confusion, semantic_scores
 
     C = 4
     labels = np.array([[0, 1, 1], [2, 2, 3]])

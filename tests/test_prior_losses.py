@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from fmgs.trainer.losses import (
+from fmgs.trainer.losses.terms import (
     depth_ranking_loss,
     isometry_loss,
     knn_neighbour_pairs,
@@ -105,8 +105,8 @@ def test_normal_from_depth_of_a_tilted_plane(pixel_center):
 
 def test_normal_from_depth_agrees_with_the_rasteriser():
     """Rendered depth of one large tilted surfel -> normal_from_depth == rendered normal
-    (checks the pixel-centre and camera-facing conventions against trainer/rasterizer.py)."""
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    (checks the pixel-centre and camera-facing conventions against trainer/render/dispatch.py)."""
+    from fmgs.trainer.render.dispatch import rasterize_surfels
 
     H = W = 24
     K = torch.tensor([[30.0, 0.0, 12.0], [0.0, 30.0, 12.0], [0.0, 0.0, 1.0]], dtype=f64)
@@ -260,8 +260,8 @@ def test_normal_group_on_the_foreground_crop_equals_full_image():
     """objectives.normal_group_loss(crop=True) evaluates L_sn + L_n + L_tv on the mask's
     bounding box (+2 px, principal point shifted): same value and gradients as the full
     image, float64, with NaN prior values and a mask touching nothing but the middle."""
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.objectives import normal_group_loss
+    from fmgs.config import load_config
+    from fmgs.trainer.losses.objectives import normal_group_loss
 
     cfg = load_config(None, ["loss.lambda_normal_consistency=0.05", "loss.lambda_normal_prior=0.05",
                              "loss.lambda_normal_tv=0.01"])

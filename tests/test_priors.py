@@ -18,7 +18,7 @@ from fmgs.priors import (MODALITIES, SAPIENS_CLASSES, SMPL_JOINT_TO_SAPIENS, Pri
                          load_priors, make_meta, rasterize_mesh, smpl_face_joint_ids,
                          smpl_face_sapiens_labels)
 from fmgs.sapiens import NORMAL_CONVENTIONS
-from fmgs.trainer.prep_cli import parse_frames, prep_main
+from fmgs.trainer.cli.prep import parse_frames, prep_main
 
 # ----------------------------------------------------------------------------- helpers
 W, H, F = 96, 128, 100.0  # synthetic sequence: image size and focal length (px)
@@ -211,7 +211,7 @@ def test_from_sapiens_without_seg_uses_sequence_mask(tmp_path):
 
 def test_torchscript_stand_in(tmp_path):
     torch = pytest.importorskip("torch")
-    from fmgs.trainer.sapiens_run import SapiensModel
+    from fmgs.trainer.data.sapiens_run import SapiensModel
 
     class StandIn(torch.nn.Module):
         """(1,3,1024,768) -> (1,C,256,192): 4x4 average pool then a fixed 1x1 map."""
@@ -320,7 +320,7 @@ def test_body_model_priors_match_ray_cast(zju377, smpl_path, tmp_path):
     from trimesh.ray.ray_triangle import ray_triangle_id
 
     from fmgs.priors import BodyModelPriorProducer
-    from fmgs.trainer.data import HumanNeRFSequence
+    from fmgs.trainer.data.humannerf import HumanNeRFSequence
 
     seq = HumanNeRFSequence(zju377, split="all", smpl_path=smpl_path)
     prod = BodyModelPriorProducer(seq)
@@ -381,7 +381,7 @@ def test_cli_body_model_and_producer_guard(zju377, smpl_path, tmp_path, capsys):
     assert all(p[m] is not None for p in pri for m in MODALITIES)
     assert pri[0]["mask"].shape == (256, 256)
     # the real mask and the body-model mask mostly agree
-    from fmgs.trainer.data import HumanNeRFSequence
+    from fmgs.trainer.data.humannerf import HumanNeRFSequence
 
     seq = HumanNeRFSequence(zju377, frames=["frame_000000"], smpl_path=smpl_path,
                             image_size=256)

@@ -1,4 +1,4 @@
-"""Tests of the surfel rasteriser (fmgs.trainer.rasterizer and its back-ends).
+"""Tests of the surfel rasteriser (fmgs.trainer.render.dispatch and its back-ends).
 
 References used here are independent of the implementation under test:
 * a brute-force float64 NumPy renderer (all surfels x all pixels, explicit ray-plane
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fmgs.trainer import raster_cpu
-from fmgs.trainer.rasterizer import RenderOutput, rasterize_surfels, resolve_backend
+from fmgs.trainer.render.dispatch import RenderOutput, rasterize_surfels, resolve_backend
 
 DT = torch.float64
 
@@ -409,7 +409,7 @@ def test_gsplat_parity():
 
 def test_rotmat_to_quat_round_trip():
     """gsplat adapter's matrix -> wxyz quaternion conversion (runs without CUDA)."""
-    from fmgs.trainer.raster_gsplat import rotmat_to_quat_wxyz
+    from fmgs.trainer.render.gsplat import rotmat_to_quat_wxyz
     q = torch.randn(200, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
     special = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1],
                             [0, 1, 1, 0], [1e-9, 0, 1, 1]], dtype=DT)   # incl. 180 degrees

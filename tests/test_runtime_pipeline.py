@@ -58,7 +58,7 @@ def test_pipeline_matches_trainer_forward(avatar, zju377):
 
 
 def test_view_dirs_match_trainer_canonicalisation():
-    from fmgs.trainer.fields import canonicalize_view_dirs
+    from fmgs.trainer.models.fields import canonicalize_view_dirs
 
     rng = np.random.default_rng(0)
     S = 500
@@ -101,7 +101,7 @@ def _renderer(kind: str, W: int, H: int, S: int):
 def test_runtime_frame_matches_trainer_render(avatar, zju377, renderer):
     from fmgs.camera import Camera
     from fmgs.pickle_io import load_pickle
-    from fmgs.trainer.full_model import render_full
+    from fmgs.trainer.models.full import render_full
     from runtime_avatar import trainer_posed
 
     model, surfels, path = avatar

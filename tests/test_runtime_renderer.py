@@ -35,7 +35,7 @@ def _rot(rng, n):
 
 
 def _reference(means, R, s, o, c, K, V, W, H, bg=None, extras=None):
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.trainer.render.dispatch import rasterize_surfels
 
     T = lambda a: torch.as_tensor(np.asarray(a, np.float64))  # noqa: E731
     return rasterize_surfels(T(means), T(R), T(s), T(o), T(c), T(K), T(V), W, H,

@@ -28,14 +28,14 @@ TINY = [
 
 def _cli(args, data_root, timeout=600, **kw):
     env = dict(os.environ, FMGS_DATA=str(data_root), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli.main", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO_ROOT, **kw)
 
 
 def _body_model_priors(out: Path, seq_root: Path, data_root: Path, frames: str) -> Path:
     """Write body-model priors of ``frames`` with the real ``fmgs-prep priors`` CLI."""
     env = dict(os.environ, FMGS_DATA=str(data_root))
-    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.prep_cli", "priors", "--sequence", str(seq_root),
+    r = subprocess.run([sys.executable, "-m", "fmgs.trainer.cli.prep", "priors", "--sequence", str(seq_root),
                         "--from-body-model", "--out", str(out), "--frames", frames],
                        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -58,8 +58,8 @@ def tiny_run(tmp_path_factory, zju377, data_root):
 
 def test_training_improves_heldout_psnr(tiny_run, data_root):
     """The trained avatar beats the untrained one on held-out frames (real learning, not a no-op)."""
-    from fmgs.trainer.evaluate import load_run_config
-    from fmgs.trainer.train import build_model, build_setup, open_sequence, quick_eval
+    from fmgs.trainer.engine.evaluate import load_run_config
+    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, quick_eval
 
     cfg = load_run_config(tiny_run)
     seq = open_sequence(cfg, "test")
@@ -111,7 +111,7 @@ def test_interrupt_and_resume_match_uninterrupted(tmp_path, zju377, data_root):
 
     run = tmp_path / "run"
     env = dict(os.environ, FMGS_DATA=str(data_root), PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, "-m", "fmgs.trainer.cli", "--out", str(run), *common],
+    p = subprocess.Popen([sys.executable, "-m", "fmgs.trainer.cli.main", "--out", str(run), *common],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
     # Wait until training is under way (the first per-iteration checkpoint exists), then interrupt.
     deadline = time.time() + 300
@@ -158,7 +158,7 @@ def test_missing_sequence_is_a_clear_error(tmp_path, data_root):
 
 def test_eval_of_non_run_folder(tmp_path, data_root):
     env = dict(os.environ, FMGS_DATA=str(data_root))
-    r = subprocess.run([sys.executable, "-c", "import sys; from fmgs.trainer.cli import eval_main; sys.exit(eval_main())",
+    r = subprocess.run([sys.executable, "-c", "import sys; from fmgs.trainer.cli.main import eval_main; sys.exit(eval_main())",
                         str(tmp_path)], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert r.returncode == 2 and "config.yaml" in r.stderr
 
@@ -181,8 +181,8 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     for group in ("photometric", "depth", "normal", "semantic_field", "regularisers"):
         assert f"loss/{group}" in tags, tags
 
-    from fmgs.trainer.evaluate import load_run_config
-    from fmgs.trainer.train import build_model, build_setup, open_sequence, quick_eval
+    from fmgs.trainer.engine.evaluate import load_run_config
+    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, quick_eval
 
     cfg = load_run_config(run)
     seq = open_sequence(cfg, "test")
@@ -209,10 +209,10 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     """Body-model priors are NaN ('no value') where the image mask reaches past the SMPL
     silhouette (hair, clothes): every loss group and every gradient must stay finite there."""
     from fmgs.priors import load_priors
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.coordinated import coordinated_backward
-    from fmgs.trainer.objectives import full_loss_groups
-    from fmgs.trainer.train import build_model, build_setup, open_sequence, pose_and_render
+    from fmgs.config import load_config
+    from fmgs.trainer.losses.coordinated import coordinated_backward
+    from fmgs.trainer.losses.objectives import full_loss_groups
+    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, pose_and_render
 
     priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0")
     cfg = load_config(None, [f"data.root={zju377}", "data.image_size=128", "model.kind=full",
@@ -242,8 +242,8 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
 def test_lr_schedule_decays_networks_and_positions_only():
     """train.lr_final_ratio: exponential decay (3DGS-Avatar's ExponentialLR) of the network and
     position rates, r ** (it / iterations); opacity and scale rates stay; r = 1 is constant."""
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.train import DECAYED_GROUPS, apply_lr_schedule, lr_factor
+    from fmgs.config import load_config
+    from fmgs.trainer.engine.train import DECAYED_GROUPS, apply_lr_schedule, lr_factor
 
     cfg = load_config(None, ["train.lr_final_ratio=0.01", "train.iterations=200"])
     assert lr_factor(cfg, 0) == 1.0 and abs(lr_factor(cfg, 200) - 0.01) < 1e-12
@@ -260,8 +260,8 @@ def test_lr_schedule_decays_networks_and_positions_only():
 
 def test_semantic_iteration_schedule():
     """loss.semantic_every = k: the semantic branch runs on iterations 0, k, 2k, ...; 1 = always."""
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.train import semantic_iteration
+    from fmgs.config import load_config
+    from fmgs.trainer.engine.train import semantic_iteration
 
     c4 = load_config(None, ["loss.semantic_every=4"])
     assert [semantic_iteration(c4, i) for i in range(9)] == [True, False, False, False, True, False, False,
@@ -272,8 +272,8 @@ def test_semantic_iteration_schedule():
 def test_prior_term_scale_and_normal_consistency_start():
     """Body-model priors scale the depth / normal PRIOR terms by loss.body_model_prior_scale,
     foundation-model priors never; L_sn starts at loss.normal_consistency_start * iterations."""
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.objectives import normal_consistency_start, prior_term_scale
+    from fmgs.config import load_config
+    from fmgs.trainer.losses.objectives import normal_consistency_start, prior_term_scale
 
     cfg = load_config(None, ["loss.body_model_prior_scale=0.25", "loss.normal_consistency_start=0.2",
                              "train.iterations=1000"])

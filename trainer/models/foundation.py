@@ -33,8 +33,8 @@ from torch import nn
 
 from fmgs.body_model import SMPLModel, bone_transforms
 from fmgs.surfels import CanonicalSurfels
-from fmgs.trainer.fields import blend_lbs, sh_basis
-from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
+from fmgs.trainer.models.fields import blend_lbs, sh_basis
+from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
 def frame_bone_transforms(
     smpl: SMPLModel,

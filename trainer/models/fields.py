@@ -1,6 +1,6 @@
 """Neural fields of the full FMGS-Avatar model (paper Sec. 4.2-4.3, eq. 3-12).
 
-Standalone building blocks, meant to be wired into :class:`fmgs.trainer.model.SurfelAvatar`
+Standalone building blocks, meant to be wired into :class:`fmgs.trainer.models.foundation.SurfelAvatar`
 (which, so far, has only the static, pose-free subset of these equations):
 
 * :class:`HierarchicalPoseEncoder` -- the pose latent code ``Z_p`` (16-d) from the
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
+from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
 __all__ = [
     "SMPL_PARENTS",
@@ -497,7 +497,7 @@ class AppearanceField(nn.Module):
 
     ``c = sigmoid(Linear(64 -> 3)(ReLU(Linear(d_in -> 64)([f_c, z_g, Z_p, gamma(d_hat)]))))``
     with ``gamma`` the real SH basis of degree ``sh_degree`` (16 values for degree 3,
-    :func:`fmgs.trainer.model.sh_basis`) of the canonicalised unit view direction:
+    :func:`fmgs.trainer.models.foundation.sh_basis`) of the canonicalised unit view direction:
     one 64-wide hidden layer, as the paper (following 3DGS-Avatar) prescribes.
     ``d_in = 32 + 16 + 16 + 16 = 80`` by default.
 
@@ -579,9 +579,9 @@ DEFAULT_SKINNING_GRID = HashGridConfig(n_levels=8, n_features_per_level=2, log2_
 class SkinningField(nn.Module):
     """Neural skinning field ``F_{theta_w}`` (eq. 9): ``W = softmax(MLP(H(mu')))``.
 
-    ``H`` is a :class:`~fmgs.trainer.hashgrid.HashGrid` evaluated on the fly (the
+    ``H`` is a :class:`~fmgs.trainer.models.hashgrid.HashGrid` evaluated on the fly (the
     corrected centres ``mu'`` move with the pose) on points normalised to the padded
-    canonical bounding box (:func:`~fmgs.trainer.hashgrid.normalize_to_bbox`; points
+    canonical bounding box (:func:`~fmgs.trainer.models.hashgrid.normalize_to_bbox`; points
     outside are clamped to its faces). The MLP has 4 hidden ReLU layers of width 128
     ("4-layer MLP with a hidden dimension of 128") and a linear output of 24 logits,
     followed by a softmax over bones. Differentiable w.r.t. the points, the table and
@@ -788,12 +788,12 @@ def blend_lbs(weights: torch.Tensor, bone_transforms: torch.Tensor, centers: tor
       rotations is not a rotation: ``t_u <- M t_u``, ``t_v <- M t_v``,
       ``n = normalize(t_u x t_v)``, ``t_u = normalize(t_u)``, ``t_v = n x t_u``
       (the surfel keeps the blended plane). Shared by the foundation
-      ``SurfelAvatar.forward`` and :class:`fmgs.trainer.full_model.FMGSAvatar`.
+      ``SurfelAvatar.forward`` and :class:`fmgs.trainer.models.full.FMGSAvatar`.
 
     Args:
         weights: ``(S, 24)`` skinning weights (e.g. :class:`SkinningField` output).
         bone_transforms: ``(24, 4, 4)`` canonical -> observation bone transforms ``B_b``
-            (``fmgs.trainer.model.frame_bone_transforms``).
+            (``fmgs.trainer.models.foundation.frame_bone_transforms``).
         centers: ``(S, 3)`` corrected canonical centres ``mu'``, metres.
         rotations: ``(S, 3, 3)`` corrected canonical frames ``R'`` (columns ``[t_u, t_v, n]``).
 

@@ -1,7 +1,7 @@
 """The full FMGS-Avatar training objective (eq. 13-21), grouped for coordinated training.
 
 :func:`full_loss_groups` returns the loss terms of one iteration grouped as
-:mod:`fmgs.trainer.coordinated` expects:
+:mod:`fmgs.trainer.losses.coordinated` expects:
 
 =============  ===========================================================  ==================
 group          terms (weights in ``loss.*`` of the config)                  may not update
@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from fmgs.trainer.fields import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule
-from fmgs.trainer.losses import (
+from fmgs.trainer.models.fields import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule
+from fmgs.trainer.losses.terms import (
     depth_ranking_loss, isometry_loss, mask_bce_loss, normal_consistency_loss, normal_from_depth,
     normal_prior_loss, normal_tv_loss, photometric_loss, semantic_ce_loss, semantic_feature_consistency,
 )
@@ -40,7 +40,7 @@ from fmgs.trainer.losses import (
 
 def semantic_weights_only(cfg: DictConfig) -> bool:
     """Whether the semantic losses reach the semantic field only (``train.coordinated`` and
-    ``train.semantic_weights_only``; see :mod:`fmgs.trainer.coordinated`)."""
+    ``train.semantic_weights_only``; see :mod:`fmgs.trainer.losses.coordinated`)."""
     return bool(cfg.train.coordinated) and bool(cfg.train.get("semantic_weights_only", False))
 
 
@@ -138,10 +138,10 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
 
     Args:
         cfg: run config (``train.lambda_ssim``, ``train.lambda_mask`` and the ``loss`` section).
-        out: :class:`fmgs.trainer.rasterizer.RenderOutput` of ``posed`` (semantic logits in ``extras``).
-        posed: :class:`fmgs.trainer.full_model.FullPosed`.
-        model: the :class:`fmgs.trainer.full_model.FMGSAvatar` (skinning field, mesh buffers).
-        frame: :class:`fmgs.trainer.data.Frame` (image, mask, camera).
+        out: :class:`fmgs.trainer.render.dispatch.RenderOutput` of ``posed`` (semantic logits in ``extras``).
+        posed: :class:`fmgs.trainer.models.full.FullPosed`.
+        model: the :class:`fmgs.trainer.models.full.FMGSAvatar` (skinning field, mesh buffers).
+        frame: :class:`fmgs.trainer.data.humannerf.Frame` (image, mask, camera).
         prior: the frame's priors from :func:`fmgs.priors.load_priors` (None: no priors).
         iteration: current iteration (skinning-weight schedule).
         generator: RNG for pixel pairs and surface samples.

@@ -1,12 +1,12 @@
 """The full FMGS-Avatar model (paper Sec. 4.1-4.3, eq. 2-12) assembled from the fields of
-:mod:`fmgs.trainer.fields`.
+:mod:`fmgs.trainer.models.fields`.
 
-This module is additive: the foundation model (:class:`fmgs.trainer.model.SurfelAvatar`)
-and its training path (:mod:`fmgs.trainer.train`) are untouched. Per frame,
+This module is additive: the foundation model (:class:`fmgs.trainer.models.foundation.SurfelAvatar`)
+and its training path (:mod:`fmgs.trainer.engine.train`) are untouched. Per frame,
 :meth:`FMGSAvatar.forward` computes
 
-1. ``Z_p = E(R_1..R_23, J_hat)`` (:class:`~fmgs.trainer.fields.HierarchicalPoseEncoder`,
-   16-d; in training the rotations get :func:`~fmgs.trainer.fields.add_pose_noise`);
+1. ``Z_p = E(R_1..R_23, J_hat)`` (:class:`~fmgs.trainer.models.fields.HierarchicalPoseEncoder`,
+   16-d; in training the rotations get :func:`~fmgs.trainer.models.fields.add_pose_noise`);
 2. ``f_g, f_c, f_s`` (32-d each) from three hash grids (16 levels x 2 features) at the
    *fixed* canonical surfel centres ``mu`` (eq. 2). The three grids have the same
    configuration and the same input points, so the corner indices / trilinear weights
@@ -19,20 +19,20 @@ and its training path (:mod:`fmgs.trainer.train`) are untouched. Per frame,
    precomputed lookup, a random subset of rows recomputed per iteration; see
    :class:`FullModelConfig` and :meth:`FMGSAvatar.skinning_weights`), or the SMPL
    weights carried to the surfels when the skinning field is off;
-5. forward LBS (eq. 10-12, :func:`~fmgs.trainer.fields.blend_lbs`):
+5. forward LBS (eq. 10-12, :func:`~fmgs.trainer.models.fields.blend_lbs`):
    ``T = sum_b w_b B_b``, ``mu_o = T mu'``, ``R_o = T_{1:3,1:3} R'`` (re-orthonormalised);
 6. colour (eq. 7): ``c = F_c(f_c, z_g, Z_p, gamma(d_hat))`` with
-   ``d_hat = T_{1:3,1:3}^{-1} d`` (:func:`~fmgs.trainer.fields.canonicalize_view_dirs`),
+   ``d_hat = T_{1:3,1:3}^{-1} d`` (:func:`~fmgs.trainer.models.fields.canonicalize_view_dirs`),
    ``d`` the unit camera->surfel direction; ``d`` and ``T`` are detached there, as in the
    foundation model, so the colour loss never moves geometry through the view direction;
 7. semantic logits (eq. 8): ``l_s = F_s(f_s)`` (28 Sapiens classes).
 
 :func:`pose_frame` turns a frame's SMPL pose (+ learnable per-frame correction
-``theta_p``, :class:`~fmgs.trainer.fields.PoseCorrection`) into the encoder rotations and
+``theta_p``, :class:`~fmgs.trainer.models.fields.PoseCorrection`) into the encoder rotations and
 the world-from-canonical bone transforms ``B_b = world_from_body @ G_pose_b @
 inv(G_canonical_b)`` in torch, so ``theta_p`` receives gradients.
 
-The coordinated training strategy (Sec. 4.5) lives in :mod:`fmgs.trainer.coordinated`.
+The coordinated training strategy (Sec. 4.5) lives in :mod:`fmgs.trainer.losses.coordinated`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmgs.surfels import CanonicalSurfels
-from fmgs.trainer.fields import (
+from fmgs.trainer.models.fields import (
     NUM_BONES,
     NUM_SEMANTIC_CLASSES,
     SMPL_PARENTS,
@@ -63,8 +63,8 @@ from fmgs.trainer.fields import (
     canonicalize_view_dirs,
     normalize_canonical_joints,
 )
-from fmgs.trainer.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
-from fmgs.trainer.smpl_torch import batch_axis_angle_to_matrix, forward_kinematics_torch
+from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
+from fmgs.trainer.models.smpl_torch import batch_axis_angle_to_matrix, forward_kinematics_torch
 
 __all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints", "render_full"]
 
@@ -116,7 +116,7 @@ class FullModelConfig:
         detach_skinning_query: feed ``mu'.detach()`` to the skinning field. Off by
             default (the paper gives no stop-gradient there); on, the normal losses under
             the coordinated strategy cannot reach ``delta_d`` through
-            ``delta_d -> mu' -> W -> T -> R_o`` (see :mod:`fmgs.trainer.coordinated`).
+            ``delta_d -> mu' -> W -> T -> R_o`` (see :mod:`fmgs.trainer.losses.coordinated`).
         pose_noise_std, pose_noise_p: training-time pose augmentation
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
         init_opacity: initial surfel opacity (0.9, as the foundation).
@@ -186,10 +186,10 @@ class FullPosed(NamedTuple):
         skin_weights: ``(S, 24)`` the skinning weights used (field output or SMPL's), rows
             sum to 1.
         canonical_centers: ``(S, 3)`` corrected canonical centres ``mu'`` (eq. 4), metres
-            (for :func:`~fmgs.trainer.losses.isometry_loss`).
+            (for :func:`~fmgs.trainer.losses.terms.isometry_loss`).
         canonical_rotations: ``(S, 3, 3)`` corrected canonical frames ``R'`` (eq. 6).
         semantic_features: ``(S, 32)`` ``f_s`` (for eq. 20), or None with the field off.
-        residual: the :class:`~fmgs.trainer.fields.GeometryResidual` (``delta_d (S,1)``,
+        residual: the :class:`~fmgs.trainer.models.fields.GeometryResidual` (``delta_d (S,1)``,
             ``delta_s (S,2)``, ``delta_r (S,3)``, ``z_g (S,16)``), or None with the field off.
         pose_code: ``(1, 16)`` ``Z_p``.
         transforms: ``(S, 4, 4)`` blended LBS transforms ``T`` (eq. 10).
@@ -212,7 +212,7 @@ class FullPosed(NamedTuple):
     def render_inputs(self) -> dict[str, torch.Tensor]:
         """The rasteriser-input tensors by name (``means, rotations, scales, opacities,
         colors`` and ``extras`` = semantic logits when present), as
-        :func:`fmgs.trainer.coordinated.coordinated_backward` expects them."""
+        :func:`fmgs.trainer.losses.coordinated.coordinated_backward` expects them."""
         d = {"means": self.means, "rotations": self.rotations, "scales": self.scales,
              "opacities": self.opacities, "colors": self.colors}
         if self.semantic_logits is not None:
@@ -245,7 +245,7 @@ def pose_frame(
     exp([theta_p,b]_x)`` (:func:`batch_axis_angle_to_matrix`), ``G_pose =`` FK of ``R`` on
     the rest joints (:func:`forward_kinematics_torch`) and
     ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)`` -- the same definition as
-    :func:`fmgs.trainer.model.frame_bone_transforms`, but in torch so that ``delta``
+    :func:`fmgs.trainer.models.foundation.frame_bone_transforms`, but in torch so that ``delta``
     receives gradients (``inv(G_canonical)`` and ``world_from_body`` are constants).
 
     Args:
@@ -507,7 +507,7 @@ class FMGSAvatar(nn.Module):
             rot_mats: ``(24, 3, 3)`` local joint rotations of the frame (already
                 pose-corrected, :func:`pose_frame`); joint 0 is ignored by the encoder.
             bone_transforms: ``(24, 4, 4)`` world-from-canonical ``B_b`` (:func:`pose_frame`
-                or :func:`fmgs.trainer.model.frame_bone_transforms`), metres.
+                or :func:`fmgs.trainer.models.foundation.frame_bone_transforms`), metres.
             camera_center: ``(3,)`` camera position, world, metres.
             canonical_joints: ``(24, 3)`` canonical-pose joints (metres, or already
                 normalised: :func:`normalize_canonical_joints` is idempotent).
@@ -515,7 +515,7 @@ class FMGSAvatar(nn.Module):
             generator: optional CPU generator for that noise.
             semantic: evaluate the semantic field (eq. 8); False leaves ``semantic_logits``
                 and ``semantic_features`` None for this call (``loss.semantic_every``: the
-                semantic branch is independent of the rest, see :mod:`fmgs.trainer.coordinated`).
+                semantic branch is independent of the rest, see :mod:`fmgs.trainer.losses.coordinated`).
 
         Returns:
             :class:`FullPosed`.
@@ -562,12 +562,12 @@ class FMGSAvatar(nn.Module):
 
 def render_full(posed: FullPosed, camera, background=None, backend: str = "auto",
                 max_fragments: int | None = None, semantic_weights_only: bool = False):
-    """Render a :class:`FullPosed` with :func:`fmgs.trainer.rasterizer.rasterize_surfels`
+    """Render a :class:`FullPosed` with :func:`fmgs.trainer.render.dispatch.rasterize_surfels`
     (semantic logits as the ``extras`` channels).
 
     The tensors passed to the rasteriser are exactly ``posed.render_inputs()`` (the same
     objects), so that dict can be handed to
-    :func:`fmgs.trainer.coordinated.coordinated_backward`.
+    :func:`fmgs.trainer.losses.coordinated.coordinated_backward`.
 
     Args:
         posed: the posed avatar.
@@ -578,14 +578,14 @@ def render_full(posed: FullPosed, camera, background=None, backend: str = "auto"
         semantic_weights_only: composite the semantic logits with the blending weights held
             constant (``rasterize_surfels(extras_weights_only=True)``): a loss on
             ``extras`` then reaches the semantic logits only, never the geometry (the
-            ``train.semantic_weights_only`` isolation of :mod:`fmgs.trainer.coordinated`).
+            ``train.semantic_weights_only`` isolation of :mod:`fmgs.trainer.losses.coordinated`).
 
     Returns:
-        :class:`fmgs.trainer.rasterizer.RenderOutput`: ``rgb (H,W,3)``, ``alpha (H,W)``,
+        :class:`fmgs.trainer.render.dispatch.RenderOutput`: ``rgb (H,W,3)``, ``alpha (H,W)``,
         ``depth``/``depth_median (H,W)`` metres, ``normal (H,W,3)`` camera space,
         ``extras (H,W,28)`` rendered logits (None without the semantic field).
     """
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.trainer.render.dispatch import rasterize_surfels
 
     x = posed.render_inputs()
     dt = x["means"].dtype

@@ -1,14 +1,14 @@
 """gsplat (CUDA) back-end of the surfel rasteriser: an adapter around ``gsplat.rasterization_2dgs``.
 
 gsplat is an optional dependency (not in pyproject): it is imported inside
-:func:`rasterize_gsplat` only, and :func:`fmgs.trainer.rasterizer.resolve_backend`
+:func:`rasterize_gsplat` only, and :func:`fmgs.trainer.render.dispatch.resolve_backend`
 refuses the back-end without CUDA. Written against the documented API of
 gsplat 1.5.x ``rasterization_2dgs(means, quats, scales, opacities, colors, viewmats, Ks,
 width, height, near_plane=..., backgrounds=None, render_mode=..., ...)`` which returns
 ``(render_colors, render_alphas, render_normals, surf_normals, render_distort,
 render_median, meta)``.
 
-Conversions to the :class:`~fmgs.trainer.rasterizer.RenderOutput` conventions:
+Conversions to the :class:`~fmgs.trainer.render.dispatch.RenderOutput` conventions:
 
 * rotations (N, 3, 3) with columns [t_u, t_v, n] -> unit quaternions (w, x, y, z);
 * scales (N, 2) -> (N, 3) with a third scale of 1: gsplat's CUDA projection ignores the
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fmgs.trainer.render.types import RenderOutput
 
 
 def rotmat_to_quat_wxyz(R: Tensor) -> Tensor:
@@ -72,12 +74,12 @@ def rasterize_gsplat(means: Tensor, rotations: Tensor, scales: Tensor, opacities
                      near: float = 0.01):
     """Render with ``gsplat.rasterization_2dgs`` (CUDA, float32) and convert the outputs.
 
-    Arguments as :func:`fmgs.trainer.rasterizer.rasterize_surfels` (already validated);
+    Arguments as :func:`fmgs.trainer.render.dispatch.rasterize_surfels` (already validated);
     tensors must be on a CUDA device. Inputs are cast to float32 (gsplat's kernels are
     float32 only) and outputs cast back to the input dtype.
 
     Returns:
-        :class:`fmgs.trainer.rasterizer.RenderOutput` (conventions and known differences in
+        :class:`fmgs.trainer.render.dispatch.RenderOutput` (conventions and known differences in
         the module docstring).
 
     Raises:
@@ -87,7 +89,6 @@ def rasterize_gsplat(means: Tensor, rotations: Tensor, scales: Tensor, opacities
         from gsplat import rasterization_2dgs
     except Exception as exc:
         raise RuntimeError(f"the gsplat back-end needs the gsplat package: {exc}") from exc
-    from .rasterizer import RenderOutput
 
     if means.device.type != "cuda":
         raise RuntimeError("the gsplat back-end needs CUDA tensors; move the inputs with "

@@ -25,9 +25,9 @@ from omegaconf import OmegaConf
 from fmgs.assets import CONFIG_DIR
 from fmgs.atomic import atomic_path, write_json_atomic
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.checkpoint import load_checkpoint
-from fmgs.trainer.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
-from fmgs.trainer.train import build_model, build_setup, open_sequence, render_frame
+from fmgs.trainer.engine.checkpoint import load_checkpoint
+from fmgs.trainer.engine.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
+from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, render_frame
 
 
 def load_run_config(run_dir: Path):
@@ -56,7 +56,7 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
     semantic map (when ``out.extras`` holds 28 semantic logits).
 
     Args:
-        out: :class:`fmgs.trainer.rasterizer.RenderOutput` (no grad needed).
+        out: :class:`fmgs.trainer.render.dispatch.RenderOutput` (no grad needed).
         K: (3, 3) intrinsics of the render, pixels.
 
     Returns:
@@ -67,7 +67,7 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
     import cv2
 
     from fmgs.priors import colorize_labels
-    from fmgs.trainer.losses import normal_from_depth
+    from fmgs.trainer.losses.terms import normal_from_depth
 
     with torch.no_grad():
         fg = (out.alpha > 0.5).numpy()

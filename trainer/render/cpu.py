@@ -29,7 +29,7 @@ Design (fragment lists, fully vectorised, no Python loop over surfels or pixels)
    (pixels x surfels weight matrix) so no (fragments x channels) array is ever built.
 
 Only :func:`rasterize_cpu` is meant to be called from outside (through
-:func:`fmgs.trainer.rasterizer.rasterize_surfels`).
+:func:`fmgs.trainer.render.dispatch.rasterize_surfels`).
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from fmgs.trainer.render.types import RenderOutput
 
 ALPHA_MAX = 0.99          # 2DGS clamp of the per-fragment alpha
 ALPHA_MIN = 1.0 / 255.0   # fragments below this are skipped (2DGS / 3DGS)
@@ -457,16 +459,15 @@ def rasterize_cpu(means: Tensor, rotations: Tensor, scales: Tensor, opacities: T
                   extras_weights_only: bool = False):
     """Render 2D Gaussian surfels with the plain-PyTorch back-end.
 
-    Arguments and result as :func:`fmgs.trainer.rasterizer.rasterize_surfels` (which
+    Arguments and result as :func:`fmgs.trainer.render.dispatch.rasterize_surfels` (which
     validates them); written for CPU (any torch device with sparse CSR support works).
     All float inputs must share one dtype (float32 or float64); the result has that
     dtype. Peak memory is O(F) with F the number of (surfel, pixel) box fragments
     (~2M for 55k 5-mm surfels at 512^2: ~1 GB).
 
     Returns:
-        :class:`fmgs.trainer.rasterizer.RenderOutput`.
+        :class:`fmgs.trainer.render.dispatch.RenderOutput`.
     """
-    from .rasterizer import RenderOutput
 
     dt = means.dtype
     E = 0 if extras is None else extras.shape[1]

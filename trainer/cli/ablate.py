@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fmgs.atomic import atomic_path, write_json_atomic
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.cli import run_cli
+from fmgs.trainer.cli.main import run_cli
 
 _OFF_NORMAL = ["loss.lambda_normal_consistency=0", "loss.lambda_normal_prior=0", "loss.lambda_normal_tv=0"]
 #: name -> config overrides applied on top of the user's config and ``model.kind=full``.
@@ -53,10 +53,10 @@ def run_ablation(out: Path, config: str | None, overrides: list[str], variants: 
     Raises:
         FmgsInputError: unknown variant name or bad configuration.
     """
-    from fmgs.trainer.checkpoint import checkpoint_path
-    from fmgs.trainer.config import load_config
-    from fmgs.trainer.evaluate import evaluate, load_run_config
-    from fmgs.trainer.train import train
+    from fmgs.trainer.engine.checkpoint import checkpoint_path
+    from fmgs.config import load_config
+    from fmgs.trainer.engine.evaluate import evaluate, load_run_config
+    from fmgs.trainer.engine.train import train
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

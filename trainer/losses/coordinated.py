@@ -7,7 +7,7 @@ block gradients to both position and rotation parameters".
 What exactly is isolated here
 -----------------------------
 The isolation acts on the **rasteriser-input tensors** -- the per-surfel tensors handed
-to :func:`fmgs.trainer.rasterizer.rasterize_surfels`: ``means (S,3)``, ``rotations
+to :func:`fmgs.trainer.render.dispatch.rasterize_surfels`: ``means (S,3)``, ``rotations
 (S,3,3)``, ``scales (S,2)``, ``opacities (S,)``, ``colors (S,3)`` and ``extras (S,E)``
 (the semantic logits). For a loss group ``g`` with blocked set ``B_g``
 (:data:`BLOCKED`), the gradient that reaches the model is
@@ -16,7 +16,7 @@ to :func:`fmgs.trainer.rasterizer.rasterize_surfels`: ``means (S,3)``, ``rotatio
 
 i.e. exactly what ``rasterize_surfels(..., x.detach() for x in B_g ...)`` would give for
 that group alone, but with ONE render shared by all groups. Consequences for the model
-(:class:`fmgs.trainer.full_model.FMGSAvatar`):
+(:class:`fmgs.trainer.models.full.FMGSAvatar`):
 
 * depth group: nothing reaches the posed rotations ``R_o``; so the geometry field's
   rotation residual ``delta_r`` (which only feeds ``R_o``) gets exactly zero. Model

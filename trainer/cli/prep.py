@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.cli import run_cli
+from fmgs.trainer.cli.main import run_cli
 
 __all__ = ["prep_main", "prep_entry", "parse_frames"]
 
@@ -105,7 +105,7 @@ def _sapiens(args, seq, names, models=None):
 
     from fmgs.priors import MODALITIES, make_meta
     from fmgs.sapiens import SapiensConverter, read_sapiens_frame, undistort_map
-    from fmgs.trainer.data import read_image, read_mask, undistort_image
+    from fmgs.trainer.data.humannerf import read_image, read_mask, undistort_image
 
     conv = SapiensConverter(normal_convention=args.normal_convention)
     if models is None:
@@ -137,7 +137,7 @@ def _sapiens(args, seq, names, models=None):
             if distorted and not args.inputs_undistorted:
                 maps = undistort_map(K_raw, D, cam.width, cam.height)
         else:
-            from fmgs.trainer.sapiens_run import run_models
+            from fmgs.trainer.data.sapiens_run import run_models
 
             img = read_image(seq.root / "images" / f"{name}.png")
             if distorted:
@@ -206,7 +206,7 @@ def prep_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from fmgs.trainer.data import HumanNeRFSequence
+        from fmgs.trainer.data.humannerf import HumanNeRFSequence
 
         seq = HumanNeRFSequence(args.sequence, split="all", smpl_path=args.smpl_path)
         names = parse_frames(args.frames, seq.all_names)
@@ -216,7 +216,7 @@ def prep_main(argv: list[str] | None = None) -> int:
         elif args.from_sapiens:
             _sapiens(args, seq, names)
         else:
-            from fmgs.trainer.sapiens_run import load_sapiens_models
+            from fmgs.trainer.data.sapiens_run import load_sapiens_models
 
             _sapiens(args, seq, names, models=load_sapiens_models(args.sapiens_model, args.device))
 

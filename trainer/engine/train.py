@@ -23,14 +23,14 @@ from omegaconf import DictConfig
 from fmgs.body_model import SMPLModel, load_smpl, star_pose
 from fmgs.errors import FmgsInputError
 from fmgs.surfels import CanonicalSurfels, build_canonical_surfels
-from fmgs.trainer.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from fmgs.trainer.config import save_config
-from fmgs.trainer.data import HumanNeRFSequence
-from fmgs.trainer.losses import mask_bce_loss, photometric_loss
-from fmgs.trainer.metrics import psnr
-from fmgs.trainer.model import SurfelAvatar, frame_bone_transforms
-from fmgs.trainer.objectives import semantic_weights_only
-from fmgs.trainer.rasterizer import RenderOutput, rasterize_surfels
+from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from fmgs.config import save_config
+from fmgs.trainer.data.humannerf import HumanNeRFSequence
+from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
+from fmgs.trainer.engine.metrics import psnr
+from fmgs.trainer.models.foundation import SurfelAvatar, frame_bone_transforms
+from fmgs.trainer.losses.objectives import semantic_weights_only
+from fmgs.trainer.render.dispatch import RenderOutput, rasterize_surfels
 
 
 @dataclass
@@ -96,10 +96,10 @@ def is_full(cfg: DictConfig) -> bool:
 
 def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> torch.nn.Module:
     """The avatar module for this config: :class:`SurfelAvatar` (foundation) or
-    :class:`fmgs.trainer.full_model.FMGSAvatar` (full; ``num_frames`` training frames get a
+    :class:`fmgs.trainer.models.full.FMGSAvatar` (full; ``num_frames`` training frames get a
     pose correction)."""
     if is_full(cfg):
-        from fmgs.trainer.full_model import FMGSAvatar, FullModelConfig
+        from fmgs.trainer.models.full import FMGSAvatar, FullModelConfig
 
         f = cfg.model.full
         return FMGSAvatar(setup.surfels, FullModelConfig(
@@ -177,7 +177,7 @@ def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id:
             semantic logits this time, see :func:`semantic_iteration`).
     """
     if is_full(cfg):
-        from fmgs.trainer.full_model import canonical_pose_joints, pose_frame, render_full
+        from fmgs.trainer.models.full import canonical_pose_joints, pose_frame, render_full
 
         pc = model.pose_correction if frame_id is not None else None
         rot, B = pose_frame(frame.poses, frame_id if pc is not None else None, pc, setup.rest_joints,
@@ -194,7 +194,7 @@ def pose_and_render(model, setup: AvatarSetup, frame, cfg: DictConfig, frame_id:
 
 
 def render_frame(model, setup: AvatarSetup, frame, cfg: DictConfig) -> RenderOutput:
-    """Pose the avatar for ``frame`` (a :class:`fmgs.trainer.data.Frame`) and render it.
+    """Pose the avatar for ``frame`` (a :class:`fmgs.trainer.data.humannerf.Frame`) and render it.
 
     Returns:
         The rasteriser output at the frame's camera resolution, background from the config.
@@ -285,8 +285,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
     priors = None
     if full:
         from fmgs.priors import load_priors
-        from fmgs.trainer.coordinated import coordinated_backward
-        from fmgs.trainer.objectives import full_loss_groups
+        from fmgs.trainer.losses.coordinated import coordinated_backward
+        from fmgs.trainer.losses.objectives import full_loss_groups
 
         priors = load_priors(cfg.data.root, train_seq.names, int(cfg.data.image_size), cfg.data.priors_dir)
 
@@ -298,8 +298,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Path:
         start_it, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         restore_rng(state)
         print(f"resuming {run_dir} from iteration {start_it} ({elapsed / 60:.1f} min trained)")
-    else:  # issue 7: optional initialisation (init.kind; trainer/aggregate.py); its time counts as training
-        from fmgs.trainer.aggregate import apply_init
+    else:  # issue 7: optional initialisation (init.kind; trainer/init/aggregate.py); its time counts as training
+        from fmgs.trainer.init.aggregate import apply_init
 
         elapsed = apply_init(cfg, model, setup, train_seq, test_seq, run_dir)
 

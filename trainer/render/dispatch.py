@@ -5,9 +5,9 @@ Splatting for Geometrically Accurate Radiance Fields", SIGGRAPH 2024; the FMGS-A
 surfels) with one of two back-ends:
 
 * ``'cpu'``: plain PyTorch fragment lists with an analytic backward
-  (:mod:`fmgs.trainer.raster_cpu`); exact 2DGS per-pixel ray-splat intersection,
+  (:mod:`fmgs.trainer.render.cpu`); exact 2DGS per-pixel ray-splat intersection,
   intersection depth, low-pass filter, 0.99 alpha clamp, 1/255 skip, 1e-4 early stop.
-* ``'gsplat'``: ``gsplat.rasterization_2dgs`` on CUDA (:mod:`fmgs.trainer.raster_gsplat`),
+* ``'gsplat'``: ``gsplat.rasterization_2dgs`` on CUDA (:mod:`fmgs.trainer.render.gsplat`),
   with its outputs converted to the conventions below. Known differences: gsplat
   uses the surfel *centre* depth for every fragment, clamps alpha at 0.999, and its
   median depth is 2DGS's (last fragment with transmittance > 0.5 before it).
@@ -23,40 +23,16 @@ Conventions (shared by both back-ends):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fmgs.trainer.render.cpu import rasterize_cpu
+from fmgs.trainer.render.types import RenderOutput
+
 __all__ = ["RenderOutput", "rasterize_surfels", "resolve_backend", "gsplat_available"]
 
 _BACKENDS = ("auto", "cpu", "gsplat")
-
-
-@dataclass
-class RenderOutput:
-    """Images produced by :func:`rasterize_surfels` (all (H, W[, C]), input dtype/device).
-
-    Attributes:
-        rgb: (H, W, 3) composited colour with the background added:
-            ``sum_i w_i c_i + (1 - alpha) * background``.
-        alpha: (H, W) accumulated opacity ``sum_i w_i`` in [0, 1).
-        depth: (H, W) expected camera-space depth (metres) ``depth_acc / max(alpha, 1e-6)``.
-        depth_acc: (H, W) ``sum_i w_i z_i`` (unnormalised).
-        depth_median: (H, W) depth z of the first fragment after which the transmittance
-            is below 0.5; 0 where it never drops below 0.5.
-        normal: (H, W, 3) ``sum_i w_i n_i`` with n_i the unit camera-space (OpenCV) surfel
-            normal flipped to face the camera (n_i . p_i <= 0); not normalised.
-        extras: (H, W, E) ``sum_i w_i e_i`` of the extra channels (no background), or None.
-    """
-
-    rgb: Tensor
-    alpha: Tensor
-    depth: Tensor
-    depth_acc: Tensor
-    depth_median: Tensor
-    normal: Tensor
-    extras: Tensor | None
 
 
 def gsplat_available() -> bool:
@@ -144,7 +120,7 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
             constants, so a loss on ``RenderOutput.extras`` has a gradient w.r.t. ``extras``
             only, never w.r.t. the geometry (means, rotations, scales, opacities). The
             values are unchanged. Used for the semantic logits (see
-            :mod:`fmgs.trainer.coordinated`). The gsplat back-end renders the extras in a
+            :mod:`fmgs.trainer.losses.coordinated`). The gsplat back-end renders the extras in a
             second call with detached geometry.
 
     Returns:
@@ -184,7 +160,7 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
     K = K.to(dt)
     viewmat = viewmat.to(dt)
     if name == "gsplat":
-        from .raster_gsplat import rasterize_gsplat
+        from fmgs.trainer.render.gsplat import rasterize_gsplat  # imports gsplat: only when asked for
         out = rasterize_gsplat(means, rotations, scales, opacities, colors, K, viewmat,
                                int(width), int(height), extras=None if extras_weights_only else extras,
                                background=background, near=near)
@@ -194,7 +170,6 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
                                    near=near).extras
             out = dataclasses.replace(out, extras=ext)
         return out
-    from .raster_cpu import rasterize_cpu
     return rasterize_cpu(means, rotations, scales, opacities, colors, K, viewmat, int(width),
                          int(height), extras=extras, background=background, near=near,
                          max_fragments=max_fragments, extras_weights_only=extras_weights_only)

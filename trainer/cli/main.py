@@ -34,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                     help="continue an interrupted run from its last checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
-    # issue 7 (trainer/aggregate.py): instant avatar from all frames fused onto the surfels
+    # issue 7 (trainer/init/aggregate.py): instant avatar from all frames fused onto the surfels
     ap.add_argument("--init", choices=["none", "aggregate"], default=None,
                     help="initialisation before training (sets init.kind): aggregate = fuse all training "
                          "frames onto the surfels and warm-start the appearance field")
@@ -47,15 +47,15 @@ def train_main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, f"init.kind={args.init}"]
 
     def go():
-        from fmgs.trainer.config import load_config
-        from fmgs.trainer.evaluate import evaluate, load_run_config
-        from fmgs.trainer.checkpoint import checkpoint_path
-        from fmgs.trainer.train import train
+        from fmgs.config import load_config
+        from fmgs.trainer.engine.evaluate import evaluate, load_run_config
+        from fmgs.trainer.engine.checkpoint import checkpoint_path
+        from fmgs.trainer.engine.train import train
 
         if args.preview:
             if args.resume is not None:
                 raise FmgsInputError("--preview cannot be combined with --resume")
-            from fmgs.trainer.aggregate import run_preview
+            from fmgs.trainer.init.aggregate import run_preview
 
             run_preview(load_config(args.config, args.overrides), args.out or Path("runs") / "preview",
                         evaluate=not args.no_eval)
@@ -92,7 +92,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from fmgs.trainer.evaluate import evaluate
+        from fmgs.trainer.engine.evaluate import evaluate
 
         evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, write_video=not args.no_video)
 

@@ -185,7 +185,7 @@ def surfel_depth_map(means, rotations, scales, opacities, camera, backend: str =
         (H, W) float64 depth in metres, ``+inf`` where the transmittance never drops
         below 0.5.
     """
-    from fmgs.trainer.rasterizer import rasterize_surfels
+    from fmgs.trainer.render.dispatch import rasterize_surfels
 
     f32 = torch.float32
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=f32)  # noqa: E731
@@ -547,8 +547,8 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
     """Aggregate a training sequence onto the canonical surfels of ``setup``.
 
     Args:
-        setup: :class:`fmgs.trainer.train.AvatarSetup` (SMPL, canonical surfels).
-        seq: :class:`fmgs.trainer.data.HumanNeRFSequence` (its frames are decoded here if
+        setup: :class:`fmgs.trainer.engine.train.AvatarSetup` (SMPL, canonical surfels).
+        seq: :class:`fmgs.trainer.data.humannerf.HumanNeRFSequence` (its frames are decoded here if
             they were not yet; that time is reported as ``timings['load']``).
         cfg: settings (``frame_step`` subsamples the frames).
 
@@ -557,7 +557,7 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
     """
     from tqdm import tqdm
 
-    from fmgs.trainer.model import frame_bone_transforms
+    from fmgs.trainer.models.foundation import frame_bone_transforms
 
     sf = setup.surfels
     timings = {}
@@ -581,7 +581,7 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
         if cfg.visibility == "mesh":
             depth = mesh_depth_map(lbs_points(sf.verts, sf.mesh_skin_weights, B), sf.faces, fr.camera)
         else:
-            from fmgs.trainer.fields import blend_lbs
+            from fmgs.trainer.models.fields import blend_lbs
 
             with torch.no_grad():
                 lb = blend_lbs(torch.as_tensor(np.asarray(sf.skin_weights), dtype=torch.float32),
@@ -603,7 +603,7 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
 class PreviewAvatar(nn.Module):
     """Fixed-colour avatar: initial canonical surfels, SMPL skinning, per-surfel colours.
 
-    Same call signature as :class:`fmgs.trainer.model.SurfelAvatar` (so
+    Same call signature as :class:`fmgs.trainer.models.foundation.SurfelAvatar` (so
     ``train.render_frame`` and ``train.quick_eval`` render it).
 
     Args:
@@ -631,9 +631,9 @@ class PreviewAvatar(nn.Module):
         return int(self.centers.shape[0])
 
     def forward(self, bone_transforms: torch.Tensor, camera_center: torch.Tensor):
-        """Pose for one frame -> :class:`fmgs.trainer.model.PosedSurfels` (world space)."""
-        from fmgs.trainer.fields import blend_lbs
-        from fmgs.trainer.model import PosedSurfels
+        """Pose for one frame -> :class:`fmgs.trainer.models.foundation.PosedSurfels` (world space)."""
+        from fmgs.trainer.models.fields import blend_lbs
+        from fmgs.trainer.models.foundation import PosedSurfels
 
         p = blend_lbs(self.skin_weights, bone_transforms, self.centers, self.frames)
         return PosedSurfels(p.means, p.rotations, self.scales, self.opacities, self.colors)
@@ -661,7 +661,7 @@ def warm_start_appearance(model, colors: np.ndarray, iters: int, lr_grid: float 
         dict with ``iterations``, ``seconds``, ``rmse_start``, ``rmse_end`` (colour units,
         head-on view ``d = -n_c``).
     """
-    from fmgs.trainer.fields import sh_basis
+    from fmgs.trainer.models.fields import sh_basis
 
     tgt = torch.as_tensor(np.asarray(colors, np.float32))
     S = tgt.shape[0]
@@ -753,7 +753,7 @@ def apply_init(cfg, model, setup, train_seq, test_seq, run_dir: Path) -> float:
           f"{res.timings['total']:.1f} s" + (f"; warm-up {w['iterations']} it, colour RMSE "
                                                f"{w['rmse_start']:.3f} -> {w['rmse_end']:.3f}" if w else ""))
     if int(cfg.train.eval_every or 0):
-        from fmgs.trainer.train import quick_eval
+        from fmgs.trainer.engine.train import quick_eval
 
         q = quick_eval(model, setup, test_seq, cfg, int(cfg.train.eval_frames))
         with open(run_dir / "progress.jsonl", "a") as f:
@@ -789,8 +789,8 @@ def write_preview_bundle(out_dir: Path, setup, colors: np.ndarray, opacity: floa
 def evaluate_preview(model, setup, seq, cfg, max_frames: int | None = None) -> dict:
     """Held-out PSNR / SSIM of a :class:`PreviewAvatar` on ``seq`` (full images, configured
     background; the protocol of ``fmgs-eval``)."""
-    from fmgs.trainer.metrics import psnr, ssim_metric
-    from fmgs.trainer.train import render_frame
+    from fmgs.trainer.engine.metrics import psnr, ssim_metric
+    from fmgs.trainer.engine.train import render_frame
 
     n = len(seq) if max_frames is None else min(len(seq), int(max_frames))
     rec = []
@@ -813,8 +813,8 @@ def run_preview(cfg, out_dir: Path, evaluate: bool = True) -> dict:
         The metrics dictionary.
     """
     from fmgs.atomic import write_json_atomic
-    from fmgs.trainer.config import save_config
-    from fmgs.trainer.train import build_setup, open_sequence
+    from fmgs.config import save_config
+    from fmgs.trainer.engine.train import build_setup, open_sequence
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
