@@ -38,17 +38,18 @@ import numpy as np
 import torch
 
 from fmgs.body_model import lbs_points
-from fmgs.trainer import aggregate as ag
+from fmgs.config import InitConfig
+from fmgs.trainer.init import aggregate as ag
 from fmgs.config import load_config
-from fmgs.trainer.models.foundation import frame_bone_transforms
-from fmgs.trainer.engine.train import build_setup, open_sequence
+from fmgs.trainer.models.base import frame_bone_transforms
+from fmgs.trainer.engine.run import build_setup, open_sequence
 
 
 def stage_timings(cfg, setup, seq, steps, eval_frames):
     test_seq = open_sequence(cfg, "test") if eval_frames else None
     rows = []
     for step in steps:
-        acfg = ag.AggregateConfig(**{**ag.aggregate_config(cfg).__dict__, "frame_step": step})
+        acfg = InitConfig(**{**ag.aggregate_config(cfg).__dict__, "frame_step": step})
         res = ag.aggregate_sequence(setup, seq, acfg, progress=False)
         row = {"frame_step": step, **res.summary()}
         if eval_frames:

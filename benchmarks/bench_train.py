@@ -32,63 +32,35 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from fmgs.config import load_config
-    from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
-    from fmgs.trainer.models.foundation import frame_bone_transforms
-    from fmgs.trainer.render.dispatch import rasterize_surfels
-    from fmgs.trainer import train as T
+    from fmgs.trainer.engine.run import build_model, build_setup, make_optimizer, open_sequence
+    from fmgs.trainer.engine.train import semantic_iteration
 
     rows = []
     for res in args.res:
         cfg = load_config(None, [f"data.image_size={res}", "data.train_range=[0,455]", "data.train_step=15",
                                  *args.overrides])
-        seq = T.open_sequence(cfg, "train")
-        setup = T.build_setup(cfg, seq)
-        full = T.is_full(cfg)
-        model = T.build_model(cfg, setup, num_frames=len(seq))
-        opt = T.make_optimizer(cfg, model)
-        if full:
+        seq = open_sequence(cfg, "train")
+        setup = build_setup(cfg, seq)
+        model = build_model(cfg, setup, num_frames=len(seq))
+        opt = make_optimizer(cfg, model)
+        priors = [None] * len(seq)
+        if model.needs_priors:
             from fmgs.priors import load_priors
-            from fmgs.trainer.losses.coordinated import coordinated_backward
-            from fmgs.trainer.models.full import canonical_pose_joints, pose_frame, render_full
-            from fmgs.trainer.losses.objectives import full_loss_groups
 
             priors = load_priors(cfg.data.root, seq.names, res, cfg.data.priors_dir)
-            cano_joints = torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32)
         stages = {k: [] for k in ("model", "raster", "loss", "backward", "step", "total")}
         for it in range(args.warmup + args.iters):
             idx = it % len(seq)
             fr = seq[idx]
-            gt, mask = torch.from_numpy(fr.image), torch.from_numpy(fr.mask)
-            cam = fr.camera
             t0 = time.perf_counter()
-            if full:
-                rot, B = pose_frame(fr.poses, idx, model.pose_correction, setup.rest_joints, setup.canonical_G,
-                                    fr.world_from_body)
-                posed = model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32), cano_joints, training=True,
-                              semantic=T.semantic_iteration(cfg, it))
-                t1 = time.perf_counter()
-                out = render_full(posed, cam, max_fragments=cfg.train.max_fragments,
-                                  semantic_weights_only=T.semantic_weights_only(cfg))
-                t2 = time.perf_counter()
-                groups = full_loss_groups(cfg, out, posed, model, fr, priors[idx], it)
-                t3 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                coordinated_backward(posed.render_inputs(), groups, enabled=bool(cfg.train.coordinated))
-            else:
-                B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, fr.poses,
-                                          fr.world_from_body)
-                posed = model(torch.as_tensor(B, dtype=torch.float32),
-                              torch.as_tensor(cam.center, dtype=torch.float32))
-                t1 = time.perf_counter()
-                out = rasterize_surfels(posed.means, posed.rotations, posed.scales, posed.opacities, posed.colors,
-                                        torch.as_tensor(cam.K, dtype=torch.float32),
-                                        torch.as_tensor(cam.viewmat, dtype=torch.float32), cam.width, cam.height,
-                                        max_fragments=cfg.train.max_fragments)
-                t2 = time.perf_counter()
-                loss = photometric_loss(out.rgb, gt, 0.2) + 0.1 * mask_bce_loss(out.alpha, mask)
-                t3 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            posed = model.pose(fr, setup, frame_id=idx, training=True, semantic=semantic_iteration(cfg, it))
+            t1 = time.perf_counter()
+            out = model.render(posed, fr.camera, cfg)
+            t2 = time.perf_counter()
+            groups = model.loss_groups(cfg, out, posed, fr, priors[idx], it)
+            t3 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            model.backward(posed, groups, cfg)
             t4 = time.perf_counter()
             opt.step()
             t5 = time.perf_counter()
@@ -102,8 +74,7 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median (stages, s/iteration) and mean of {args.iters} iterations "
           f"after {args.warmup} warm-up\n")
-    kind = "full" if any(o == "model.kind=full" for o in args.overrides) else "foundation"
-    print(f"model: {kind}")
+    print(f"model: {model.kind}")
     print("| resolution | surfels | model+LBS | rasterise | losses | backward | Adam | **s / iteration** | mean |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for res, n, s in rows:

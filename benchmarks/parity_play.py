@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 import sys
 
 import numpy as np
@@ -31,39 +32,24 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fmgs.export.bake import load_run, training_poses
+    from fmgs.export.bake import training_poses
+    from fmgs.trainer.engine.run import load_run
     from fmgs.runtime.gl_renderer import SurfelRenderer, create_headless_context
     from fmgs.runtime.pipeline import AvatarPipeline
     from fmgs.runtime.splat_cpu import CpuSurfelRenderer
-    from fmgs.trainer.models.foundation import frame_bone_transforms
-    from fmgs.trainer.render.dispatch import rasterize_surfels
+    from fmgs.trainer.render.dispatch import render_posed
 
     run = load_run(args.run_dir)
     pipe = AvatarPipeline(args.bundle, array_backend="numpy")
     ctx = create_headless_context()
-    seq = run.train_seq
+    seq = run.seq
     results = {}
     for pose in training_poses(run, args.frames):
         cam = seq.camera(pose["name"])
         cam = cam.scaled(args.size / cam.width).without_distortion()
         with torch.no_grad():
-            if run.kind == "full":
-                from fmgs.trainer.models.full import pose_frame, render_full
-
-                rot, B = pose_frame(pose["poses"], None, None, run.setup.rest_joints, run.setup.canonical_G,
-                                    pose["world_from_body"])
-                posed = run.model(rot, B, torch.as_tensor(cam.center, dtype=torch.float32),
-                                  torch.as_tensor(run.setup.surfels.joints, dtype=torch.float32))
-                ref = render_full(posed, cam, background=(1.0, 1.0, 1.0), backend="cpu")
-            else:
-                B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
-                                          pose["poses"], pose["world_from_body"])
-                ps = run.model(torch.as_tensor(B, dtype=torch.float32),
-                               torch.as_tensor(cam.center, dtype=torch.float32))
-                T = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-                ref = rasterize_surfels(ps.means, ps.rotations, ps.scales, ps.opacities, ps.colors, T(cam.K),
-                                        T(cam.viewmat), cam.width, cam.height, background=T([1.0, 1.0, 1.0]),
-                                        backend="cpu")
+            frame = SimpleNamespace(poses=pose["poses"], world_from_body=pose["world_from_body"], camera=cam)
+            ref = render_posed(run.model.pose(frame, run.setup), cam, background=(1.0, 1.0, 1.0), backend="cpu")
         ref_img = ref.rgb.numpy().clip(0, 1)
         for prec in args.precisions:
             for cull in [None, *args.cull]:

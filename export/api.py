@@ -67,9 +67,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
     import onnxruntime
     import torch
 
-    from fmgs.export.bake import bake, load_run
-    from fmgs.export.checks import parity_check, skinning_bake_check
-    from fmgs.export.onnx_export import convert_fp16, export_models
+    from fmgs.export.adapters import adapter_for
+    from fmgs.export.checks import parity_check
+    from fmgs.export.onnx_export import convert_fp16
+    from fmgs.trainer.engine.run import load_run
     from fmgs.export.ply import write_gaussian_ply
     from fmgs.export.trt import build_engine, resolve_trt
 
@@ -86,17 +87,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
     run = load_run(run_dir, overrides)
+    adapter = adapter_for(run.model)
     timings["load_s"] = time.perf_counter() - t
     say(f"fmgs-export: {run.kind} avatar, {run.model.num_surfels} surfels, iteration {run.iteration} <- {run_dir}")
     t = time.perf_counter()
-    baked = bake(run, fold=fold)
+    baked = adapter.bake(run, fold)
     timings["bake_s"] = time.perf_counter() - t
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".stage-{out.name}-", dir=out.parent) as stage_s:
         stage = Path(stage_s)
         t = time.perf_counter()
-        entries = export_models(run, baked, stage, skinning=skinning_model)
+        entries = adapter.export_models(run, baked, stage, skinning=skinning_model)
         timings["onnx_export_s"] = time.perf_counter() - t
         if "skinning" in entries and any(i["name"] == "prior_weights" for i in entries["skinning"]["inputs"]):
             baked.surfels["prior_skin_weights"] = run.model.skin_weights.detach().numpy().astype(np.float32)
@@ -126,18 +128,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         }
         if check:
             t = time.perf_counter()
-            report["parity"] = parity_check(run, baked, stage, entries, frames=parity_frames, threads=threads)
+            report["parity"] = parity_check(run, baked, stage, entries, adapter.parity_frame, frames=parity_frames, threads=threads)
             timings["parity_s"] = time.perf_counter() - t
             if fp16 and fp16_notes is None:
                 t1 = time.perf_counter()
                 try:
-                    report["parity_fp16"] = parity_check(run, baked, stage, entries, frames=parity_frames,
+                    report["parity_fp16"] = parity_check(run, baked, stage, entries, adapter.parity_frame, frames=parity_frames,
                                                          threads=threads, suffix=".fp16.onnx", tol=FP16_TOL)
                 except Exception as exc:
                     report["parity_fp16"] = {"error": f"{exc.__class__.__name__}: {exc}"}
                 timings["parity_fp16_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
-            report["skinning_bake"] = skinning_bake_check(run, baked, frames=bake_frames)
+            report["skinning_bake"] = adapter.skinning_check(run, baked, frames=bake_frames)
             timings["skinning_bake_s"] = time.perf_counter() - t1
             timings["checks_s"] = time.perf_counter() - t
         else:
@@ -184,14 +186,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         (stage / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         files["export_report.json"] = stage / "export_report.json"
 
-        m = run.model
-        avatar = {"model_kind": run.kind}
-        if run.kind == "full":
-            avatar.update(skinning_query_trained=str(m.cfg.skinning_query),
-                          skinning_field=m.skinning_field is not None, geometry_field=m.geometry_field is not None,
-                          semantic_field=m.semantic_field is not None, sh_degree=int(m.appearance_field.sh_degree))
-        else:
-            avatar.update(sh_degree=int(m.sh_degree), view_dependent=bool(m.view_dependent))
+        avatar = {"model_kind": run.kind, **run.model.bundle_info()}
         write_bundle(out, baked.surfels, kind=run.kind, body_model=baked.body_model, models=entries, files=files,
                      producer={"run_dir": str(Path(run_dir).resolve()), "iteration": run.iteration,
                                "torch": torch.__version__},

@@ -1,8 +1,7 @@
 """Load a training run and bake its pose-independent parts into per-surfel constants.
 
-:func:`load_run` rebuilds the trained avatar exactly as ``fmgs-eval`` does (run config
-merged over the current defaults, ``build_setup`` / ``build_model``, strict checkpoint
-load). :func:`bake` evaluates everything that does not depend on the pose or the view at
+The trained avatar is rebuilt by :func:`fmgs.trainer.engine.run.load_run`, as ``fmgs-eval``
+does. Each model kind's ``bake`` (:mod:`fmgs.export.adapters`) evaluates everything that does not depend on the pose or the view at
 the fixed canonical centres (paper Sec. 4.1.2: the surfels never move in canonical space
 before the residual, so the hash-grid lookups are constants):
 
@@ -34,31 +33,7 @@ from omegaconf import OmegaConf
 
 from fmgs.body_model import axis_angle_to_matrix, world_from_body
 from fmgs.bundle import make_body_model
-from fmgs.errors import FmgsInputError
-
-
-@dataclass
-class LoadedRun:
-    """A trained run, rebuilt.
-
-    Attributes:
-        run_dir: the run folder.
-        cfg: resolved run config (OmegaConf).
-        kind: ``"full"`` or ``"foundation"``.
-        iteration: completed training iterations of the checkpoint.
-        setup: :class:`fmgs.trainer.engine.train.AvatarSetup` (SMPL, betas, surfels, ``G_c``).
-        model: the avatar in eval mode on the CPU, float32.
-        train_seq: the training split (:class:`fmgs.trainer.data.humannerf.HumanNeRFSequence`; images
-            are not loaded).
-    """
-
-    run_dir: Path
-    cfg: Any
-    kind: str
-    iteration: int
-    setup: Any
-    model: torch.nn.Module
-    train_seq: Any
+from fmgs.trainer.engine.run import LoadedRun
 
 
 @dataclass
@@ -83,47 +58,6 @@ class Baked:
     folded: bool = False
 
 
-def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
-    """Rebuild a trained avatar from ``RUN_DIR`` (``config.yaml`` + ``checkpoints/last.pt``).
-
-    Args:
-        run_dir: a folder written by ``fmgs-train``.
-        overrides: OmegaConf dot-list entries applied over the run's config (e.g.
-            ``model.full.geometry_width=128`` for a run trained before that key existed).
-
-    Raises:
-        FmgsInputError: not a run folder, unreadable checkpoint, data missing, or a
-            checkpoint that does not fit the model its config describes (names the file).
-    """
-    from fmgs.trainer.engine.checkpoint import checkpoint_path, load_checkpoint
-    from fmgs.trainer.engine.evaluate import load_run_config
-    from fmgs.trainer.engine.train import build_model, build_setup, is_full, open_sequence
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if overrides:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        except Exception as exc:
-            raise FmgsInputError(f"bad --set override {list(overrides)}: {exc}") from exc
-    state = load_checkpoint(run_dir)
-    seq = open_sequence(cfg, "train")
-    setup = build_setup(cfg, seq)
-    delta = state["model"].get("pose_correction.delta")
-    model = build_model(cfg, setup, num_frames=0 if delta is None else int(delta.shape[0]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[1:4])
-        raise FmgsInputError(
-            "checkpoint does not fit the model its config.yaml describes (the run was trained with other "
-            f"settings; pass them with --set KEY=VALUE): {detail}", checkpoint_path(run_dir)) from exc
-    model.eval()
-    return LoadedRun(run_dir, cfg, "full" if is_full(cfg) else "foundation", int(state["iteration"]),
-                     setup, model, seq)
-
-
 def training_poses(run: LoadedRun, count: int) -> list[dict]:
     """``count`` evenly spaced frames of the training split (``count <= 0``: all of them).
 
@@ -132,7 +66,7 @@ def training_poses(run: LoadedRun, count: int) -> list[dict]:
         correction), ``name``, ``poses (72,)`` axis-angle radians, ``world_from_body (4,4)``
         float64, ``camera_center (3,)`` world metres.
     """
-    seq = run.train_seq
+    seq = run.seq
     n = len(seq)
     idx = range(n) if count <= 0 or count >= n else np.unique(np.linspace(0, n - 1, count).round().astype(int))
     out = []
@@ -158,22 +92,13 @@ def canonical_rot_mats(run: LoadedRun) -> torch.Tensor:
     return torch.as_tensor(rot, dtype=torch.float32)
 
 
-@torch.no_grad()
-def bake(run: LoadedRun, fold: bool = True) -> Baked:
-    """Evaluate the pose-independent constants of ``run.model`` (see module docstring).
-
-    Args:
-        run: the loaded run.
-        fold: store folded first layers in the feature channels (module docstring).
-    """
-    return _bake_full(run, fold) if run.kind == "full" else _bake_foundation(run, fold)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
 
 
-def _bake_full(run: LoadedRun, fold: bool) -> Baked:
+@torch.no_grad()
+def bake_full(run: LoadedRun, fold: bool) -> Baked:
+    """Constants of the full model (module docstring)."""
     from fmgs.export.modules import fold_first_layer, geometry_foldable
     from fmgs.trainer.models.fields import normalize_canonical_joints
 
@@ -212,7 +137,9 @@ def _bake_full(run: LoadedRun, fold: bool) -> Baked:
                  folded=bool(fold))
 
 
-def _bake_foundation(run: LoadedRun, fold: bool) -> Baked:
+@torch.no_grad()
+def bake_foundation(run: LoadedRun, fold: bool) -> Baked:
+    """Constants of the foundation model (module docstring)."""
     from fmgs.export.modules import fold_first_layer
     from fmgs.trainer.models.fields import sh_basis
 

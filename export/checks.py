@@ -98,21 +98,22 @@ def _frame_inputs(run: LoadedRun, pose: dict):
     from fmgs.trainer.models.full import pose_frame
 
     m = run.model
-    pc = getattr(m, "pose_correction", None)
+    pc = m.pose_correction
     rot, B = pose_frame(pose["poses"], pose["frame_id"] if pc is not None else None, pc, run.setup.rest_joints,
                         run.setup.canonical_G, pose["world_from_body"])
     return rot, B
 
 
 @torch.no_grad()
-def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, frames: int = 3,
+def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, parity_frame, frames: int = 3,
                  threads: int = 2, suffix: str = ".onnx", tol: float = PARITY_TOL) -> dict:
     """ONNX Runtime vs torch on ``frames`` real training poses (module docstring).
 
     Args:
         run, baked: the loaded run and its bake.
         model_dir: folder holding the ONNX files named by ``entries``.
-        entries: manifest ``models`` entries (:func:`fmgs.export.onnx_export.export_models`).
+        entries: manifest ``models`` entries (the model kind's ``export_models``).
+        parity_frame: the model kind's per-pose comparison (:mod:`fmgs.export.adapters`).
         frames: number of evenly spaced training frames.
         threads: ORT intra-op threads.
         suffix: ``".onnx"`` (fp32) or ``".fp16.onnx"``.
@@ -122,9 +123,7 @@ def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, f
         dict: ``frames`` (names), ``models`` ({model: {output: max abs err}}), ``max_abs_error``,
         ``end_to_end`` ({``colors``: max abs, ``means_mm``: max mm}), ``tolerance``, ``passed``.
     """
-    m = run.model
     sess = {k: make_session(model_dir / (Path(e["file"]).stem + suffix), threads) for k, e in entries.items()}
-    W = baked.surfels["skin_weights"]
     poses = training_poses(run, frames)
     errs: dict[str, dict[str, float]] = {k: {} for k in entries}
     e2e = {"colors": 0.0, "means_mm": 0.0}
@@ -132,81 +131,8 @@ def parity_check(run: LoadedRun, baked: Baked, model_dir: Path, entries: dict, f
     def upd(model, out, val):
         errs[model][out] = max(errs[model].get(out, 0.0), val)
 
-    cam_key = "camera_center"
     for pose in poses:
-        cam = pose[cam_key]
-        if run.kind == "full":
-            from fmgs.trainer.models.full import canonical_pose_joints
-
-            rot, B = _frame_inputs(run, pose)
-            posed = m(rot, B, torch.as_tensor(cam, dtype=torch.float32),
-                      torch.as_tensor(canonical_pose_joints(run.setup.surfels), dtype=torch.float32), training=False)
-            z_p = posed.pose_code
-            rot_np = _np(rot)
-            (zo,) = sess["pose_encoder"].run(None, {"rot_mats": rot_np})
-            upd("pose_encoder", "pose_code", _err(zo, _np(z_p)))
-            s = baked.surfels
-            z_g_t = posed.residual.z_g if posed.residual is not None else torch.zeros(m.num_surfels,
-                                                                                      m.cfg.geometry_latent_dim)
-            g_in = {"geometry_features": s["geometry_features"], "pose_code": _np(z_p), "centers": s["centers"],
-                    "rotations": s["rotations"], "scales": s["scales"]}
-            mu_o, R_o, s_o, zg_o = sess["geometry"].run(None, g_in)
-            for name, a, b in (("centers_out", mu_o, posed.canonical_centers), ("rotations_out", R_o,
-                               posed.canonical_rotations), ("scales_out", s_o, posed.scales), ("z_g", zg_o, z_g_t)):
-                upd("geometry", name, _err(a, _np(b)))
-            view = "view_dirs" in [i["name"] for i in entries["color"]["inputs"]]
-            c_in = {"appearance_features": s["appearance_features"], "z_g": _np(z_g_t), "pose_code": _np(z_p)}
-            if view:
-                d = F.normalize(posed.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
-                from fmgs.trainer.models.fields import canonicalize_view_dirs
-
-                c_in["view_dirs"] = _np(canonicalize_view_dirs(d, posed.transforms))
-            (col,) = sess["color"].run(None, c_in)
-            upd("color", "colors", _err(col, _np(posed.colors)))
-            if "skinning" in sess:
-                sk_in = {"points": _np(posed.canonical_centers)}
-                if m.cfg.skinning_prior:
-                    sk_in["prior_weights"] = _np(m.skin_weights)
-                (w_o,) = sess["skinning"].run(None, sk_in)
-                ref = m.skinning_field(posed.canonical_centers,
-                                       prior_weights=m.skin_weights if m.cfg.skinning_prior else None)
-                upd("skinning", "skin_weights", _err(w_o, _np(ref)))
-            # end to end: ORT chain + NumPy LBS with the baked weights (what the runtime does)
-            (zc,) = sess["pose_encoder"].run(None, {"rot_mats": rot_np})
-            mu_c, R_c, _, zg = sess["geometry"].run(None, {**g_in, "pose_code": zc})
-            means, _, T = numpy_lbs(W, _np(B), mu_c, R_c)
-            c2 = {"appearance_features": s["appearance_features"], "z_g": zg, "pose_code": zc}
-            if view:
-                c2["view_dirs"] = canonical_view_dirs(means, T, cam, "inverse").astype(np.float32)
-            (col2,) = sess["color"].run(None, c2)
-            e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
-            e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))
-        else:
-            from fmgs.trainer.models.fields import blend_lbs
-            from fmgs.trainer.models.foundation import frame_bone_transforms
-
-            B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
-                                      pose["poses"], pose["world_from_body"])
-            Bt = torch.as_tensor(B, dtype=torch.float32)
-            posed = m(Bt, torch.as_tensor(cam, dtype=torch.float32))
-            s = baked.surfels
-            c_in = {"appearance_features": s["appearance_features"]}
-            view = m.view_dependent
-            mu_t = baked.torch_inputs["mu"]
-            if view:
-                lbs = blend_lbs(m.skin_weights, Bt, mu_t, m.frames)
-                d = F.normalize(lbs.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
-                M = lbs.transforms[:, :3, :3]
-                c_in["view_dirs"] = _np(F.normalize(torch.einsum("sji,sj->si", M, d), dim=-1))
-            (col,) = sess["color"].run(None, c_in)
-            upd("color", "colors", _err(col, _np(posed.colors)))
-            means, _, T = numpy_lbs(W, B.astype(np.float32), s["centers"], s["rotations"])
-            c2 = {"appearance_features": s["appearance_features"]}
-            if view:
-                c2["view_dirs"] = canonical_view_dirs(means, T, cam, "transpose").astype(np.float32)
-            (col2,) = sess["color"].run(None, c2)
-            e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
-            e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))
+        parity_frame(run, baked, sess, entries, pose, upd, e2e)
     worst = max((v for d in errs.values() for v in d.values()), default=0.0)
     return {"frames": [p["name"] for p in poses], "precision": "fp16" if "fp16" in suffix else "fp32",
             "models": errs, "max_abs_error": worst, "end_to_end": e2e, "tolerance": tol,
@@ -256,7 +182,7 @@ def skinning_bake_check(run: LoadedRun, baked: Baked, frames: int = 32) -> dict:
         field (SMPL weights, foundation model): ``applicable: False``, exact.
     """
     m = run.model
-    if run.kind != "full" or m.skinning_field is None:
+    if m.skinning_field is None:
         return {"applicable": False, "frames": 0, "exact": True,
                 "note": "skinning weights are SMPL's (no skinning field): the bake is exact"}
     from fmgs.trainer.models.fields import apply_geometry_residual
@@ -298,3 +224,91 @@ def skinning_bake_check(run: LoadedRun, baked: Baked, frames: int = 32) -> dict:
             "exact": bool(bake["max_weight_diff"] == 0.0), "bake_error": bake,
             "canonical_vs_corrected": _summary(cc_wd, cc_disp),
             "max_residual_offset_mm": float(np.concatenate(offs).max() * 1e3), "note": note}
+
+
+@torch.no_grad()
+def full_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: dict, pose: dict, upd, e2e: dict) -> None:
+    """One pose of :func:`parity_check`: ORT vs torch per model (``upd(model, output, err)``)
+    and end to end (``e2e['colors']``, ``e2e['means_mm']`` maxima, updated in place)."""
+    m = run.model
+    W = baked.surfels["skin_weights"]
+    cam = pose["camera_center"]
+    from fmgs.trainer.models.full import canonical_pose_joints
+
+    rot, B = _frame_inputs(run, pose)
+    posed = m(rot, B, torch.as_tensor(cam, dtype=torch.float32),
+              torch.as_tensor(canonical_pose_joints(run.setup.surfels), dtype=torch.float32), training=False)
+    z_p = posed.pose_code
+    rot_np = _np(rot)
+    (zo,) = sess["pose_encoder"].run(None, {"rot_mats": rot_np})
+    upd("pose_encoder", "pose_code", _err(zo, _np(z_p)))
+    s = baked.surfels
+    z_g_t = posed.residual.z_g if posed.residual is not None else torch.zeros(m.num_surfels,
+                                                                              m.cfg.geometry_latent_dim)
+    g_in = {"geometry_features": s["geometry_features"], "pose_code": _np(z_p), "centers": s["centers"],
+            "rotations": s["rotations"], "scales": s["scales"]}
+    mu_o, R_o, s_o, zg_o = sess["geometry"].run(None, g_in)
+    for name, a, b in (("centers_out", mu_o, posed.canonical_centers), ("rotations_out", R_o,
+                       posed.canonical_rotations), ("scales_out", s_o, posed.scales), ("z_g", zg_o, z_g_t)):
+        upd("geometry", name, _err(a, _np(b)))
+    view = "view_dirs" in [i["name"] for i in entries["color"]["inputs"]]
+    c_in = {"appearance_features": s["appearance_features"], "z_g": _np(z_g_t), "pose_code": _np(z_p)}
+    if view:
+        d = F.normalize(posed.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
+        from fmgs.trainer.models.fields import canonicalize_view_dirs
+
+        c_in["view_dirs"] = _np(canonicalize_view_dirs(d, posed.transforms))
+    (col,) = sess["color"].run(None, c_in)
+    upd("color", "colors", _err(col, _np(posed.colors)))
+    if "skinning" in sess:
+        sk_in = {"points": _np(posed.canonical_centers)}
+        if m.cfg.skinning_prior:
+            sk_in["prior_weights"] = _np(m.skin_weights)
+        (w_o,) = sess["skinning"].run(None, sk_in)
+        ref = m.skinning_field(posed.canonical_centers,
+                               prior_weights=m.skin_weights if m.cfg.skinning_prior else None)
+        upd("skinning", "skin_weights", _err(w_o, _np(ref)))
+    # end to end: ORT chain + NumPy LBS with the baked weights (what the runtime does)
+    (zc,) = sess["pose_encoder"].run(None, {"rot_mats": rot_np})
+    mu_c, R_c, _, zg = sess["geometry"].run(None, {**g_in, "pose_code": zc})
+    means, _, T = numpy_lbs(W, _np(B), mu_c, R_c)
+    c2 = {"appearance_features": s["appearance_features"], "z_g": zg, "pose_code": zc}
+    if view:
+        c2["view_dirs"] = canonical_view_dirs(means, T, cam, "inverse").astype(np.float32)
+    (col2,) = sess["color"].run(None, c2)
+    e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
+    e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))
+
+
+@torch.no_grad()
+def foundation_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: dict, pose: dict, upd, e2e: dict) -> None:
+    """One pose of :func:`parity_check`: ORT vs torch per model (``upd(model, output, err)``)
+    and end to end (``e2e['colors']``, ``e2e['means_mm']`` maxima, updated in place)."""
+    m = run.model
+    W = baked.surfels["skin_weights"]
+    cam = pose["camera_center"]
+    from fmgs.trainer.models.fields import blend_lbs
+    from fmgs.trainer.models.foundation import frame_bone_transforms
+
+    B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
+                              pose["poses"], pose["world_from_body"])
+    Bt = torch.as_tensor(B, dtype=torch.float32)
+    posed = m(Bt, torch.as_tensor(cam, dtype=torch.float32))
+    s = baked.surfels
+    c_in = {"appearance_features": s["appearance_features"]}
+    view = m.view_dependent
+    mu_t = baked.torch_inputs["mu"]
+    if view:
+        lbs = blend_lbs(m.skin_weights, Bt, mu_t, m.frames)
+        d = F.normalize(lbs.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
+        M = lbs.transforms[:, :3, :3]
+        c_in["view_dirs"] = _np(F.normalize(torch.einsum("sji,sj->si", M, d), dim=-1))
+    (col,) = sess["color"].run(None, c_in)
+    upd("color", "colors", _err(col, _np(posed.colors)))
+    means, _, T = numpy_lbs(W, B.astype(np.float32), s["centers"], s["rotations"])
+    c2 = {"appearance_features": s["appearance_features"]}
+    if view:
+        c2["view_dirs"] = canonical_view_dirs(means, T, cam, "transpose").astype(np.float32)
+    (col2,) = sess["color"].run(None, c2)
+    e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
+    e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmgs.errors import FmgsInputError
+from fmgs.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,26 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmgs.export.api import ExportCheckFailed, export_run
 
-    try:
+    def go():
         export_run(args.run_dir, args.out, fp16=args.fp16, trt=args.trt, check=args.check,
                    parity_frames=args.parity_frames, bake_frames=args.bake_frames,
                    skinning_model=not args.no_skinning_model, ply=not args.no_ply, ply_sh_rest=not args.compact_ply,
                    overrides=tuple(args.overrides), overwrite=args.overwrite, threads=args.threads,
                    fold=not args.no_fold)
-    except FmgsInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ExportCheckFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
-
-def entry() -> None:
-    """Console-script wrapper (``fmgs-export``)."""
-    sys.exit(main())
+    return run_cli(go, {ExportCheckFailed: 1})
 
 
 if __name__ == "__main__":  # pragma: no cover

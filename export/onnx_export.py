@@ -65,14 +65,46 @@ def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out
 
 
 @torch.no_grad()
-def export_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
-    """Export the run's models into ``out_dir``.
+def export_foundation_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
+    """Export the foundation model's colour MLP into ``out_dir`` (``skinning`` is ignored:
+    its weights are SMPL's, baked). Returns the manifest entries as
+    :func:`export_full_models`."""
+    out_dir = Path(out_dir)
+    m = run.model
+    k = _EXAMPLE_ROWS
+    entries: dict[str, dict] = {}
+    fold = bool(baked.folded)
+    f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
+    Fc = int(f_c.shape[1])
+    Fraw = int(baked.torch_inputs["f_c"].shape[1])
+    mod = FoundationColorModule(m.color_mlp, m.sh_degree if m.view_dependent else -1, Fraw, folded=fold)
+    view = m.view_dependent
+    args = (f_c, torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)) if view else (f_c,)
+    ins = ["appearance_features", "view_dirs"] if view else ["appearance_features"]
+    _export(mod, args, ins, ["colors"], set(ins), out_dir / "color.onnx")
+    inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
+                  + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)"))]
+    if view:
+        inputs.append(_io("view_dirs", ["S", 3], "normalize(T[:3,:3]^T d), d = normalize(mu_o - camera_centre)"))
+    entries["color"] = {
+        "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
+        "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
+        "view_dir_canonicalization": "transpose" if view else None, "folded_first_layer": fold,
+        "equation": "foundation colour: sigmoid(MLP([f_c, SH_3(d_hat)])) (eq. 7 without z_g, Z_p)",
+    }
+    return entries
+
+
+@torch.no_grad()
+def export_full_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
+    """Export the full model's per-frame graphs into ``out_dir``: pose encoder, geometry
+    residual, colour, and (``skinning``, with the skinning field on) the live skinning field.
 
     Args:
-        run: :class:`fmgs.export.bake.LoadedRun`.
+        run: :class:`fmgs.trainer.engine.run.LoadedRun`.
         baked: :class:`fmgs.export.bake.Baked` of the same run.
         out_dir: staging folder.
-        skinning: also export the live skinning field (full model with the field on).
+        skinning: also export the live skinning field.
 
     Returns:
         ``{name: manifest entry}`` with ``file``, ``inputs``, ``outputs``, ``opset``,
@@ -83,27 +115,6 @@ def export_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str,
     k = _EXAMPLE_ROWS
     entries: dict[str, dict] = {}
     fold = bool(baked.folded)
-    if run.kind == "foundation":
-        f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
-        Fc = int(f_c.shape[1])
-        Fraw = int(baked.torch_inputs["f_c"].shape[1])
-        mod = FoundationColorModule(m.color_mlp, m.sh_degree if m.view_dependent else -1, Fraw, folded=fold)
-        view = m.view_dependent
-        args = (f_c, torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)) if view else (f_c,)
-        ins = ["appearance_features", "view_dirs"] if view else ["appearance_features"]
-        _export(mod, args, ins, ["colors"], set(ins), out_dir / "color.onnx")
-        inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
-                      + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)"))]
-        if view:
-            inputs.append(_io("view_dirs", ["S", 3], "normalize(T[:3,:3]^T d), d = normalize(mu_o - camera_centre)"))
-        entries["color"] = {
-            "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
-            "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
-            "view_dir_canonicalization": "transpose" if view else None, "folded_first_layer": fold,
-            "equation": "foundation colour: sigmoid(MLP([f_c, SH_3(d_hat)])) (eq. 7 without z_g, Z_p)",
-        }
-        return entries
-
     f_g = torch.as_tensor(baked.surfels["geometry_features"][:k]).contiguous()
     f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
     Fg, Fc = int(f_g.shape[1]), int(f_c.shape[1])

@@ -19,3 +19,31 @@ class FmgsInputError(ValueError):
         self.path = None if path is None else os.fspath(path)
         full = message if self.path is None else f"{self.path}: {message}"
         super().__init__(full)
+
+
+def run_cli(body, exit_codes: dict[type[BaseException], int] | None = None) -> int:
+    """Run a command-line body and turn its outcome into an exit status, the same way for
+    every ``fmgs-*`` command: success 0; :class:`FmgsInputError` prints ``error: <message
+    naming the file or key>`` to stderr and gives 2 (no traceback); Ctrl-C gives 130.
+
+    Args:
+        body: a callable without arguments (the command's work).
+        exit_codes: further exception types that print ``error: ...`` and give the status
+            mapped here (e.g. a failed export check: 1).
+
+    Returns:
+        The exit status.
+    """
+    import sys
+
+    try:
+        body()
+    except FmgsInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except tuple(exit_codes or ()) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes[next(t for t in exit_codes if isinstance(exc, t))]
+    return 0

@@ -35,13 +35,14 @@ from fmgs.body_model import lbs_points
 from fmgs.camera import Camera
 from fmgs.priors import rasterize_mesh
 from fmgs.surfels import SCALE_RULE_K, CanonicalSurfels, edge_face_adjacency, subdivide_midpoint, surfel_frames
-from fmgs.trainer import aggregate as ag
+from fmgs.config import InitConfig
+from fmgs.trainer.init import aggregate as ag
 
 N_FRAMES = 12
 RES = 192          # native image size (pixels)
 FOCAL = 400.0      # pixels
 TOL = 2.0 / 255.0
-CFG = ag.AggregateConfig(min_cos=0.5)   # steeper facing test: faces keep >= 2.5 px inradius on screen
+CFG = InitConfig(min_cos=0.5)   # steeper facing test: faces keep >= 2.5 px inradius on screen
 
 
 # =========================================================================== scene
@@ -318,7 +319,7 @@ def test_outlier_frame_rejected(scene, result):
     assert ok.mean() > 0.8
     err = np.abs(robust.colors[target] - truth[target]).max(1)
     assert err[ok].max() < TOL, err[ok].max()
-    plain = ag.aggregate_frames(frames, S, adj, ag.AggregateConfig(min_cos=0.5, outlier_k=1e9, min_sigma=1e9))
+    plain = ag.aggregate_frames(frames, S, adj, InitConfig(min_cos=0.5, outlier_k=1e9, min_sigma=1e9))
     assert np.abs(plain.colors[target] - truth[target]).max(1)[ok].max() > 0.05
 
 
@@ -344,7 +345,7 @@ def test_weighted_median_and_robust_fuse_brute_force():
     cols = np.clip(rng.normal(0.5, 0.02, (N, 3)), 0, 1)
     out = rng.uniform(size=N) < 0.1
     cols[out] = rng.uniform(0, 1, (out.sum(), 3))
-    cfg = ag.AggregateConfig()
+    cfg = InitConfig()
     res = ag.robust_fuse(group, cols, w, G, cfg)
     for g in range(G):
         sel = np.nonzero(group == g)[0]
@@ -426,7 +427,7 @@ def test_warm_start_lowers_colour_error(scene, result):
         return float(np.sqrt(((c[front] - result.colors[front]) ** 2).mean()))
 
     before = err()
-    info = ag.warm_start_appearance(model, result.colors, iters=150, lr_grid=3e-2, lr_mlp=1e-2)
+    info = model.warm_start_appearance(result.colors, iters=150, lr_grid=3e-2, lr_mlp=1e-2)
     after = err()
     assert info["rmse_end"] < info["rmse_start"]
     assert after < 0.5 * before and after < 0.1, (before, after)

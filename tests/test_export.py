@@ -71,8 +71,8 @@ def foundation_export(tmp_path_factory, zju377, data_root):
 
 
 def _rebuild(run: Path):
-    from fmgs.trainer.engine.evaluate import load_run_config
-    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence
+    from fmgs.config import load_run_config
+    from fmgs.trainer.engine.run import build_model, build_setup, open_sequence
 
     cfg = load_run_config(run)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -199,12 +199,13 @@ def test_report_numbers_are_written_and_printed(full_export):
 
 def test_skinning_bake_check_for_a_corrected_query_model(full_export):
     """Read as a skinning_query=corrected model, the bake error IS the W(mu) vs W(mu') gap."""
-    from fmgs.export.bake import bake, load_run
+    from fmgs.export.bake import bake_full
     from fmgs.export.checks import skinning_bake_check
+    from fmgs.trainer.engine.run import load_run
 
     run, _, _ = full_export
     lr = load_run(run, ["model.full.skinning_query=corrected"])
-    rep = skinning_bake_check(lr, bake(lr), frames=2)
+    rep = skinning_bake_check(lr, bake_full(lr, True), frames=2)
     assert rep["skinning_query_trained"] == "corrected" and rep["frames"] == 2
     assert rep["bake_error"] == rep["canonical_vs_corrected"]
     assert rep["bake_error"]["max_weight_diff"] > 0.0 and not rep["exact"]
@@ -375,7 +376,7 @@ def test_foundation_export(foundation_export):
     from fmgs.bundle import read_bundle
     from fmgs.runtime.pipeline import AvatarPipeline
     from fmgs.trainer.models.hashgrid import normalize_to_bbox
-    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.models.base import frame_bone_transforms
 
     run, bdir, rep = foundation_export
     b = read_bundle(bdir)

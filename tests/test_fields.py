@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from fmgs.trainer import fields as fl
+from fmgs.trainer.models import fields as fl
 from fmgs.trainer.models.fields import (
     AppearanceField,
     GeometryResidual,
@@ -25,11 +25,9 @@ from fmgs.trainer.models.fields import (
     canonicalize_view_dirs,
     normalize_canonical_joints,
     pose_rotation_matrices,
-    sample_mesh_surface,
-    skinning_regulariser,
-    skinning_weight_schedule,
     so3_exp,
 )
+from fmgs.trainer.losses.terms import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule
 from fmgs.trainer.models.foundation import SurfelAvatar
 
 S = 1000

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmgs.trainer import losses as L
+from fmgs.config import load_config
+from fmgs.trainer.losses import terms as L
 from fmgs.trainer.losses.coordinated import BLOCKED, coordinated_backward
+from fmgs.trainer.render.dispatch import render_posed
 from fmgs.trainer.models.full import (
-    FMGSAvatar, FullModelConfig, canonical_pose_joints, pose_frame, render_full,
+    FMGSAvatar, FullModelConfig, canonical_pose_joints, pose_frame,
 )
 
 CROP = 64
@@ -38,7 +40,7 @@ def _cfg(zju377, smpl_path, subdivisions: int, image_size: int):
 @pytest.fixture(scope="module")
 def real(zju377, smpl_path):
     """Real 55k-surfel setup (one SMPL subdivision) and a test frame at 64 px."""
-    from fmgs.trainer.engine.train import build_setup, open_sequence
+    from fmgs.trainer.engine.run import build_setup, open_sequence
 
     cfg = _cfg(zju377, smpl_path, subdivisions=1, image_size=64)
     seq = open_sequence(cfg, "test")
@@ -56,7 +58,7 @@ def test_pose_frame_equals_frame_bone_transforms_and_is_differentiable(real):
     """Torch posing (float64, zero correction) equals the NumPy frame_bone_transforms;
     the correction of frame k receives a gradient, the other frames' do not."""
     from fmgs.trainer.models.fields import PoseCorrection
-    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.models.base import frame_bone_transforms
 
     _, seq, setup = real
     fr = seq[1]
@@ -120,8 +122,8 @@ def test_full_model_shapes_and_invariants(real):
 def test_zero_residual_without_skinning_field_equals_foundation(real):
     """Zero-initialised geometry residual + SMPL skinning weights: posed centres, frames and
     scales equal the foundation SurfelAvatar's for the same frame."""
-    from fmgs.trainer.models.foundation import frame_bone_transforms
-    from fmgs.trainer.engine.train import build_model
+    from fmgs.trainer.models.base import frame_bone_transforms
+    from fmgs.trainer.engine.run import build_model
 
     cfg, seq, setup = real
     torch.manual_seed(0)
@@ -150,8 +152,8 @@ def test_static_offsets_match_the_foundation_static_geometry(real):
     a few mm / +-0.3), the zero-residual full model with SMPL skinning poses exactly the
     surfels of the foundation model (its static eq. 4-5); they get gradients; without the
     switch the model has no such parameters."""
-    from fmgs.trainer.models.foundation import frame_bone_transforms
-    from fmgs.trainer.engine.train import build_model
+    from fmgs.trainer.models.base import frame_bone_transforms
+    from fmgs.trainer.engine.run import build_model
 
     cfg, seq, setup = real
     torch.manual_seed(1)
@@ -168,7 +170,7 @@ def test_static_offsets_match_the_foundation_static_geometry(real):
         full.log_scale_delta.copy_(ls)
         found.displacement.copy_(d)
         found.log_scale_delta.copy_(ls)
-    names = {g["name"] for g in full.param_groups()}
+    names = {g["name"] for g in full.param_groups(load_config().train.lr)}
     assert {"scale", "displacement"} <= names
     fr = seq[1]
     J, c = _frame_inputs(setup, fr, full)
@@ -293,11 +295,11 @@ def crop_scene(real):
     rot, B = pose_frame(fr.poses, 1, model.pose_correction, setup.rest_joints, setup.canonical_G,
                         fr.world_from_body)
     p = model(rot, B, c, J)
-    out = render_full(p, cam, backend="cpu")
+    out = render_posed(p, cam, backend="cpu")
     assert 0.3 < float((out.alpha > 0.5).float().mean()) < 0.95  # the crop sees the body and its edges
     losses = {g: _group_loss(g, out, K) for g in ("photometric", "depth", "normal", "semantic")}
     # the same semantic loss on logits composited with constant weights (semantic_weights_only)
-    out_w = render_full(p, cam, backend="cpu", semantic_weights_only=True)
+    out_w = render_posed(p, cam, backend="cpu", extras_weights_only=True)
     losses["semantic_field"] = _group_loss("semantic", out_w, K)
     return {"model": model, "posed": p, "losses": losses, "extras": (out.extras, out_w.extras)}
 

@@ -30,7 +30,7 @@ def test_sh_basis_is_orthonormal_on_the_sphere():
 @pytest.fixture(scope="module")
 def avatar(zju377, smpl_path):
     from fmgs.config import load_config
-    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence
+    from fmgs.trainer.engine.run import build_model, build_setup, open_sequence
 
     cfg = load_config(None, ["data.image_size=256", "data.test_range=[455,570]", "data.test_step=38"])
     seq = open_sequence(cfg, "test")
@@ -43,7 +43,7 @@ def avatar(zju377, smpl_path):
 def test_forward_lbs_matches_float64_reference(avatar):
     """Posed centres and frames equal an independent per-surfel float64 evaluation of eq. 10-12."""
     from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
-    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.models.base import frame_bone_transforms
 
     cfg, seq, setup, model = avatar
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_untrained_silhouette_matches_real_masks(avatar):
     subject's mask (IoU > 0.75, > 95 % of the mask covered): a real-data check of the body,
     camera and pixel conventions. (The untrained surfels spill about a pixel past the
     silhouette: the 2DGS low-pass filter and the initial overlap of neighbouring surfels.)"""
-    from fmgs.trainer.engine.train import render_frame
+    from fmgs.trainer.engine.run import render_frame
 
     cfg, seq, setup, model = avatar
     for i in range(len(seq)):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmgs.trainer import raster_cpu
+from fmgs.trainer.render import cpu as raster_cpu
 from fmgs.trainer.render.dispatch import RenderOutput, rasterize_surfels, resolve_backend
 
 DT = torch.float64

@@ -101,7 +101,7 @@ def _renderer(kind: str, W: int, H: int, S: int):
 def test_runtime_frame_matches_trainer_render(avatar, zju377, renderer):
     from fmgs.camera import Camera
     from fmgs.pickle_io import load_pickle
-    from fmgs.trainer.models.full import render_full
+    from fmgs.trainer.render.dispatch import render_posed
     from runtime_avatar import trainer_posed
 
     model, surfels, path = avatar
@@ -117,7 +117,7 @@ def test_runtime_frame_matches_trainer_render(avatar, zju377, renderer):
     r.draw(cam.K, cam.viewmat, mode="rgb")
     r.resolve("rgb", background=(1.0, 1.0, 1.0))
     img = r.read_display().astype(np.float64) / 255.0
-    ref = render_full(trainer_posed(model, surfels, poses, wfb, cam.center), cam,
+    ref = render_posed(trainer_posed(model, surfels, poses, wfb, cam.center), cam,
                       background=(1.0, 1.0, 1.0), backend="cpu")
     ref_img = ref.rgb.detach().numpy().clip(0, 1)
     assert (ref.alpha.numpy() > 0.5).sum() > 300

@@ -58,8 +58,8 @@ def tiny_run(tmp_path_factory, zju377, data_root):
 
 def test_training_improves_heldout_psnr(tiny_run, data_root):
     """The trained avatar beats the untrained one on held-out frames (real learning, not a no-op)."""
-    from fmgs.trainer.engine.evaluate import load_run_config
-    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, quick_eval
+    from fmgs.config import load_run_config
+    from fmgs.trainer.engine.run import build_model, build_setup, open_sequence, quick_eval
 
     cfg = load_run_config(tiny_run)
     seq = open_sequence(cfg, "test")
@@ -181,8 +181,8 @@ def test_full_model_trains_with_body_model_priors(tmp_path, zju377, data_root):
     for group in ("photometric", "depth", "normal", "semantic_field", "regularisers"):
         assert f"loss/{group}" in tags, tags
 
-    from fmgs.trainer.engine.evaluate import load_run_config
-    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, quick_eval
+    from fmgs.config import load_run_config
+    from fmgs.trainer.engine.run import build_model, build_setup, open_sequence, quick_eval
 
     cfg = load_run_config(run)
     seq = open_sequence(cfg, "test")
@@ -210,9 +210,7 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     silhouette (hair, clothes): every loss group and every gradient must stay finite there."""
     from fmgs.priors import load_priors
     from fmgs.config import load_config
-    from fmgs.trainer.losses.coordinated import coordinated_backward
-    from fmgs.trainer.losses.objectives import full_loss_groups
-    from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, pose_and_render
+    from fmgs.trainer.engine.run import build_model, build_setup, open_sequence
 
     priors = _body_model_priors(tmp_path / "priors", zju377, data_root, "0")
     cfg = load_config(None, [f"data.root={zju377}", "data.image_size=128", "model.kind=full",
@@ -228,13 +226,14 @@ def test_full_loss_groups_finite_where_priors_have_no_value(tmp_path, zju377, da
     fr = seq[0]
     no_value = (fr.mask > 0.5) & ~np.isfinite(prior["normal"]).all(-1)
     assert no_value.sum() > 10  # the case under test really occurs
-    out, posed = pose_and_render(model, setup, fr, cfg, frame_id=0, training=True)
-    groups = full_loss_groups(cfg, out, posed, model, fr, prior, 0)
+    posed = model.pose(fr, setup, frame_id=0, training=True)
+    out = model.render(posed, fr.camera, cfg)
+    groups = model.loss_groups(cfg, out, posed, fr, prior, 0)
     # semantic CE on logits composited with constant weights (train.semantic_weights_only)
     assert set(groups) == {"photometric", "depth", "normal", "semantic_field", "regularisers"}
     assert out.extras is not None
     assert all(torch.isfinite(v) for v in groups.values()), groups
-    coordinated_backward(posed.render_inputs(), groups, enabled=True)
+    model.backward(posed, groups, cfg)
     for n, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), n
 
@@ -243,7 +242,7 @@ def test_lr_schedule_decays_networks_and_positions_only():
     """train.lr_final_ratio: exponential decay (3DGS-Avatar's ExponentialLR) of the network and
     position rates, r ** (it / iterations); opacity and scale rates stay; r = 1 is constant."""
     from fmgs.config import load_config
-    from fmgs.trainer.engine.train import DECAYED_GROUPS, apply_lr_schedule, lr_factor
+    from fmgs.trainer.engine.run import DECAYED_GROUPS, apply_lr_schedule, lr_factor
 
     cfg = load_config(None, ["train.lr_final_ratio=0.01", "train.iterations=200"])
     assert lr_factor(cfg, 0) == 1.0 and abs(lr_factor(cfg, 200) - 0.01) < 1e-12

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fmgs.atomic import atomic_path, write_json_atomic
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.cli.main import run_cli
+from fmgs.errors import run_cli
 
 _OFF_NORMAL = ["loss.lambda_normal_consistency=0", "loss.lambda_normal_prior=0", "loss.lambda_normal_tv=0"]
 #: name -> config overrides applied on top of the user's config and ``model.kind=full``.

@@ -5,20 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmgs.errors import FmgsInputError
-
-
-def run_cli(fn) -> int:
-    """Run a CLI body: bad input prints ``error: <message naming the file>`` and gives
-    exit status 2 (no traceback); Ctrl-C gives 130; success 0."""
-    try:
-        fn()
-    except FmgsInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+from fmgs.errors import FmgsInputError, run_cli
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -27,31 +14,39 @@ def train_main(argv: list[str] | None = None) -> int:
         prog="fmgs-train",
         description="Fit an FMGS avatar to a monocular video (HumanNeRF-format folder), then evaluate it.",
         epilog="Overrides use OmegaConf dot-lists, e.g. train.iterations=500 data.image_size=256. "
-               "Defaults: fmgs/assets/configs/default.yaml (a short demo on ZJU-MoCap 377).",
+               "Every key with its default and meaning: fmgs/config.py (fmgs-train --show-config prints "
+               "them resolved). The defaults are a short demo on ZJU-MoCap 377.",
     )
     ap.add_argument("--config", help="config file, or the name of a shipped one (e.g. zju377_60min)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
     ap.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                     help="continue an interrupted run from its last checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
-    # issue 7 (trainer/init/aggregate.py): instant avatar from all frames fused onto the surfels
     ap.add_argument("--init", choices=["none", "aggregate"], default=None,
                     help="initialisation before training (sets init.kind): aggregate = fuse all training "
                          "frames onto the surfels and warm-start the appearance field")
     ap.add_argument("--preview", action="store_true",
                     help="only aggregate the frames and write a playable preview bundle to OUT/preview "
                          "(default OUT: runs/preview), with held-out PSNR/SSIM unless --no-eval")
+    ap.add_argument("--show-config", action="store_true",
+                    help="print the resolved configuration (defaults, --config, overrides) and exit")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
     if args.init is not None:
         args.overrides = [*args.overrides, f"init.kind={args.init}"]
 
     def go():
-        from fmgs.config import load_config
-        from fmgs.trainer.engine.evaluate import evaluate, load_run_config
-        from fmgs.trainer.engine.checkpoint import checkpoint_path
-        from fmgs.trainer.engine.train import train
+        from omegaconf import OmegaConf
 
+        from fmgs.config import load_config, load_run_config
+        from fmgs.trainer.engine.checkpoint import checkpoint_path
+        from fmgs.trainer.engine.evaluate import evaluate
+        from fmgs.trainer.engine.train import train
+        from fmgs.trainer.init.aggregate import apply_init
+
+        if args.show_config:
+            print(OmegaConf.to_yaml(load_config(args.config, args.overrides)), end="")
+            return
         if args.preview:
             if args.resume is not None:
                 raise FmgsInputError("--preview cannot be combined with --resume")
@@ -74,7 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 raise FmgsInputError(
                     "this run folder already holds a checkpoint; continue it with "
                     f"'fmgs-train --resume {run_dir}' or choose another --out", run_dir)
-            train(cfg, run_dir)
+            train(cfg, run_dir, initialise=apply_init)
         if cfg.train.eval_at_end and not args.no_eval:
             evaluate(run_dir, max_frames=cfg.eval.max_frames)
 
@@ -87,14 +82,17 @@ def eval_main(argv: list[str] | None = None) -> int:
                                  description="Render a trained avatar's held-out frames and write metrics, images and a video.")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/eval)")
-    ap.add_argument("--max-frames", type=int, default=None)
+    ap.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N test frames (N >= 1)")
     ap.add_argument("--no-video", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override over the run's config.yaml (repeatable), e.g. --set train.backend=cpu")
     args = ap.parse_args(argv)
 
     def go():
         from fmgs.trainer.engine.evaluate import evaluate
 
-        evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, write_video=not args.no_video)
+        evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, video=not args.no_video,
+                 overrides=tuple(args.overrides))
 
     return run_cli(go)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.cli.main import run_cli
+from fmgs.errors import run_cli
 
 __all__ = ["prep_main", "prep_entry", "parse_frames"]
 

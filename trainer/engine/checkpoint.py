@@ -36,7 +36,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
 
     Args:
         run_dir: run folder.
-        model: the avatar.
+        model: the avatar (:class:`fmgs.trainer.models.base.AvatarModel`); its
+            :meth:`~fmgs.trainer.models.base.AvatarModel.describe` is saved with the weights.
         optimizer: its optimiser (None for inference-only checkpoints).
         iteration: number of completed iterations.
         elapsed_s: training wall time so far, seconds (excluding evaluation).
@@ -49,6 +50,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         "iteration": int(iteration),
         "elapsed_s": float(elapsed_s),
         "model": model.state_dict(),
+        "model_info": model.describe(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),

@@ -20,31 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from fmgs.assets import CONFIG_DIR
-from fmgs.atomic import atomic_path, write_json_atomic
+from fmgs.atomic import write_json_atomic
 from fmgs.errors import FmgsInputError
-from fmgs.trainer.engine.checkpoint import load_checkpoint
+from fmgs.media import write_video
 from fmgs.trainer.engine.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
-from fmgs.trainer.engine.train import build_model, build_setup, open_sequence, render_frame
-
-
-def load_run_config(run_dir: Path):
-    """The run's saved config merged over the current defaults (new keys get their defaults).
-
-    Raises:
-        FmgsInputError: ``RUN_DIR/config.yaml`` missing or unreadable.
-    """
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FmgsInputError("not a run folder: config.yaml is missing (train with fmgs-train first)", path)
-    try:
-        cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "default.yaml"), OmegaConf.load(path))
-        OmegaConf.resolve(cfg)
-    except Exception as exc:
-        raise FmgsInputError(f"unreadable run config: {exc}", path) from exc
-    return cfg
+from fmgs.trainer.engine.run import heldout_renders, load_run
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -87,39 +68,31 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
 
 
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
-             write_video: bool = True) -> dict:
+             video: bool = True, overrides: tuple[str, ...] = ()) -> dict:
     """Render and score the test split of a trained run.
 
     Args:
         run_dir: a folder written by ``fmgs-train``.
         out_dir: output folder (default ``RUN_DIR/eval``).
-        max_frames: evaluate only the first N test frames (None: the whole split).
-        write_video: also write ``video.mp4``.
+        max_frames: evaluate only the first N test frames (None: the whole split; >= 1).
+        video: also write ``video.mp4`` and ``modes.mp4``.
+        overrides: ``key=value`` entries over the run's config (a misspelt key fails).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
 
     Raises:
-        FmgsInputError: missing run files or data (names the file).
+        FmgsInputError: missing run files or data (names the file), ``max_frames < 1``.
+            Nothing in ``out_dir`` is replaced before every frame has been scored.
     """
     import imageio.v3 as iio
     import skimage
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    if max_frames is not None and int(max_frames) < 1:
+        raise FmgsInputError(f"--max-frames must be >= 1, got {max_frames}")
+    run = load_run(run_dir, overrides, split="test")
+    run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
     out_dir = Path(out_dir) if out_dir else run_dir / "eval"
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "modes").mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(run_dir)
-
-    seq = open_sequence(cfg, "test")
-    setup = build_setup(cfg, seq)
-    # The full model's per-frame pose corrections belong to the training frames; keep their
-    # count so the checkpoint loads (held-out frames are rendered without correction).
-    delta = state["model"].get("pose_correction.delta")
-    model = build_model(cfg, setup, num_frames=0 if delta is None else int(delta.shape[0]))
-    model.load_state_dict(state["model"])
-    model.eval()
     lpips = LPIPSMetric()
     if not lpips.available:
         print(f"LPIPS: not computed ({lpips.reason})")
@@ -128,37 +101,33 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     per_frame, sides, modes, times = [], [], [], []
     # semantic maps vs the part labels of the test frames' priors, where they exist
     sem_labels = None
-    if getattr(model, "semantic_field", None) is not None:
+    if model.semantic_classes:
         from fmgs.priors import load_priors
 
         pri = load_priors(cfg.data.root, [seq[i].name for i in range(n)], int(cfg.data.image_size),
                           cfg.data.priors_dir, verbose=False)
         sem_labels = [p.get("parts") for p in pri]
     confusion = None
-    from tqdm import tqdm
-
-    with torch.no_grad():
-        for i in tqdm(range(n), desc="eval", unit="frame", disable=None):
-            fr = seq[i]
-            t0 = time.perf_counter()
-            out = render_frame(model, setup, fr, cfg)
-            times.append(time.perf_counter() - t0)
-            pred = out.rgb.clamp(0, 1).numpy()
-            gt = fr.image
-            rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt)}
-            rec["lpips"] = lpips(pred, gt) if lpips.available else None
-            if sem_labels is not None and sem_labels[i] is not None and out.extras is not None:
-                cm = semantic_confusion(out.extras.numpy(), out.alpha.numpy(), sem_labels[i], out.extras.shape[-1])
-                rec["semantic_accuracy"] = semantic_scores(cm)["pixel_accuracy"]
-                confusion = cm if confusion is None else confusion + cm
-            per_frame.append(rec)
-            err = np.abs(pred - gt).mean(-1, keepdims=True).repeat(3, -1)
-            side = _to_uint8(np.concatenate([gt, pred, np.clip(err * 4.0, 0, 1)], axis=1))
-            iio.imwrite(out_dir / "images" / f"{fr.name}.png", side)
-            sides.append(side)
-            row = np.concatenate(modal_panels(out, fr.camera.K), axis=1)
-            iio.imwrite(out_dir / "modes" / f"{fr.name}.png", row)
-            modes.append(row)
+    images: list[tuple[str, np.ndarray, np.ndarray]] = []
+    t0 = time.perf_counter()
+    for i, (fr, out) in enumerate(heldout_renders(model, setup, seq, cfg, range(n), progress=True)):
+        times.append(time.perf_counter() - t0)
+        pred = out.rgb.clamp(0, 1).numpy()
+        gt = fr.image
+        rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt)}
+        rec["lpips"] = lpips(pred, gt) if lpips.available else None
+        if sem_labels is not None and sem_labels[i] is not None and out.extras is not None:
+            cm = semantic_confusion(out.extras.numpy(), out.alpha.numpy(), sem_labels[i], out.extras.shape[-1])
+            rec["semantic_accuracy"] = semantic_scores(cm)["pixel_accuracy"]
+            confusion = cm if confusion is None else confusion + cm
+        per_frame.append(rec)
+        err = np.abs(pred - gt).mean(-1, keepdims=True).repeat(3, -1)
+        side = _to_uint8(np.concatenate([gt, pred, np.clip(err * 4.0, 0, 1)], axis=1))
+        sides.append(side)
+        row = np.concatenate(modal_panels(out, fr.camera.K), axis=1)
+        modes.append(row)
+        images.append((fr.name, side, row))
+        t0 = time.perf_counter()
 
     def mean(key):
         vals = [r[key] for r in per_frame if r[key] is not None]
@@ -166,8 +135,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
 
     metrics = {
         "run_dir": str(run_dir),
-        "iteration": int(state["iteration"]),
-        "train_minutes": round(float(state["elapsed_s"]) / 60.0, 2),
+        "iteration": run.iteration,
+        "train_minutes": round(run.elapsed_s / 60.0, 2),
         "split": "test",
         "num_frames": len(per_frame),
         "resolution": [int(seq[0].image.shape[1]), int(seq[0].image.shape[0])],
@@ -186,12 +155,16 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
                      "python": platform.python_version()},
         "frames": per_frame,
     }
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    if write_video and sides:
+    # Every frame is scored: only now replace what an earlier evaluation wrote.
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "modes").mkdir(parents=True, exist_ok=True)
+    for name, side, row in images:
+        iio.imwrite(out_dir / "images" / f"{name}.png", side)
+        iio.imwrite(out_dir / "modes" / f"{name}.png", row)
+    if video and sides:
         for name, frames in (("video.mp4", sides), ("modes.mp4", modes)):
-            with atomic_path(out_dir / name) as tmp:
-                iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=int(cfg.eval.video_fps),
-                            codec="libx264", macro_block_size=1)
+            write_video(out_dir / name, frames, fps=int(cfg.eval.video_fps))
+    write_json_atomic(out_dir / "metrics.json", metrics)
     print(f"held-out ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     if metrics["semantic"]:

@@ -52,81 +52,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from omegaconf import OmegaConf
 
 from fmgs.body_model import blend_transforms, lbs_points
+from fmgs.config import InitConfig
 from fmgs.errors import FmgsInputError
+from fmgs.trainer.engine.metrics import psnr, ssim_metric
+from fmgs.trainer.engine.run import build_setup, heldout_renders, open_sequence, quick_eval
+from fmgs.trainer.models.base import AvatarModel, AvatarSetup, frame_bone_transforms
+from fmgs.trainer.models.fields import blend_lbs
+from fmgs.trainer.models.foundation import PosedSurfels
 
 __all__ = [
-    "AggregateConfig", "FrameObservations", "AggregateResult", "aggregate_config",
+    "FrameObservations", "AggregateResult", "aggregate_config",
     "pose_surfels", "mesh_depth_map", "surfel_depth_map", "bilinear_sample",
     "visible_surfels", "sample_observations", "observe_frame", "robust_fuse", "fill_from_neighbours",
-    "aggregate_frames", "aggregate_sequence", "evaluate_preview", "PreviewAvatar", "warm_start_appearance",
+    "aggregate_frames", "aggregate_sequence", "evaluate_preview", "PreviewAvatar",
     "apply_init", "preview_surfel_arrays", "write_preview_bundle", "run_preview",
 ]
 
 
 # =========================================================================== config
-@dataclass
-class AggregateConfig:
-    """Settings of the aggregation (the ``init`` section of the run config).
-
-    Attributes:
-        visibility: ``"mesh"`` (z-buffer of the posed upsampled mesh) or ``"surfels"``
-            (median depth of the initial surfels rendered with the 2DGS rasteriser).
-        depth_tolerance: metres a surfel may lie behind the depth map and still count as
-            visible.
-        min_cos: minimum cosine between the surfel normal and the direction to the camera.
-        mask_threshold: minimum bilinear mask value at the projection (1.0 - 1e-3: all
-            four neighbouring pixels inside the mask).
-        outlier_k: rejection threshold in robust standard deviations (1.4826 MAD).
-        min_sigma: floor of the robust colour deviation (colour units in [0, 1]), so
-            that perfectly consistent surfels do not reject their own noise.
-        irls_iters: weighted-mean / re-rejection rounds after the median start.
-        max_fill_sweeps: maximum neighbour-diffusion sweeps for unseen surfels (the rest,
-            if any, get the mean fused colour).
-        frame_step: use every ``frame_step``-th training frame (1 = all).
-        warmup_iters: Adam iterations fitting the appearance field to the fused colours.
-        warmup_lr_grid, warmup_lr_mlp: their learning rates.
-    """
-
-    visibility: str = "mesh"
-    depth_tolerance: float = 0.02
-    min_cos: float = 0.2
-    mask_threshold: float = 0.999
-    outlier_k: float = 2.5
-    min_sigma: float = 0.03
-    irls_iters: int = 2
-    max_fill_sweeps: int = 200
-    frame_step: int = 5
-    warmup_iters: int = 100
-    warmup_lr_grid: float = 3.0e-2
-    warmup_lr_mlp: float = 1.0e-2
-
-    def __post_init__(self):
-        if self.visibility not in ("mesh", "surfels"):
-            raise FmgsInputError(f"init.visibility must be 'mesh' or 'surfels', got {self.visibility!r}")
-        if self.depth_tolerance <= 0 or not 0 <= self.min_cos < 1 or not 0 < self.mask_threshold <= 1:
-            raise FmgsInputError("init: depth_tolerance must be > 0, min_cos in [0, 1), mask_threshold in (0, 1]")
-        if self.frame_step < 1 or self.warmup_iters < 0 or self.irls_iters < 0:
-            raise FmgsInputError("init: frame_step >= 1, warmup_iters >= 0, irls_iters >= 0 required")
-
-
-def aggregate_config(cfg) -> AggregateConfig:
-    """:class:`AggregateConfig` from a run config's ``init`` section (missing keys: defaults).
-
-    Raises:
-        FmgsInputError: unknown keys or bad values.
-    """
-    sec = cfg.get("init", None) if hasattr(cfg, "get") else None
-    if sec is None:
-        return AggregateConfig()
-    known = set(AggregateConfig.__dataclass_fields__)
-    vals = {k: sec[k] for k in sec if k != "kind"}
-    bad = sorted(set(vals) - known)
-    if bad:
-        raise FmgsInputError(f"unknown init keys {bad} (known: kind, {sorted(known)})")
-    return AggregateConfig(**{k: (type(getattr(AggregateConfig, k))(v)) for k, v in vals.items()})
+def aggregate_config(cfg) -> InitConfig:
+    """The aggregation settings (:class:`fmgs.config.InitConfig`) of a run config's ``init``
+    section (validated when the config was loaded, :func:`fmgs.config.validate`)."""
+    return InitConfig(**OmegaConf.to_container(cfg.init, resolve=True))
 
 
 # =========================================================================== posing
@@ -244,7 +194,7 @@ class FrameObservations:
 
 
 def visible_surfels(means: np.ndarray, normals: np.ndarray, mask: np.ndarray, camera, depth_map: np.ndarray,
-                    cfg: AggregateConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    cfg: InitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The visibility test of one frame (vectorised over surfels; module docstring, step 1).
 
     A surfel is visible when its centre is in front of the camera and projects inside
@@ -312,7 +262,7 @@ def sample_observations(index: np.ndarray, uv: np.ndarray, cos: np.ndarray, z: n
 
 
 def observe_frame(means: np.ndarray, normals: np.ndarray, scales: np.ndarray, image: np.ndarray,
-                  mask: np.ndarray, camera, depth_map: np.ndarray, cfg: AggregateConfig) -> FrameObservations:
+                  mask: np.ndarray, camera, depth_map: np.ndarray, cfg: InitConfig) -> FrameObservations:
     """Visibility and colour of every surfel in one frame (vectorised over surfels):
     :func:`visible_surfels` then :func:`sample_observations`.
 
@@ -366,7 +316,7 @@ def _group_weighted_median(group: np.ndarray, values: np.ndarray, weights: np.nd
 
 
 def robust_fuse(index: np.ndarray, colors: np.ndarray, weights: np.ndarray, num_surfels: int,
-                cfg: AggregateConfig) -> dict:
+                cfg: InitConfig) -> dict:
     """Robust weighted mean colour per surfel over all its observations.
 
     Median start (per-channel weighted median), rejection of observations whose colour
@@ -501,7 +451,7 @@ class AggregateResult:
                 "timings_s": {k: round(float(v), 3) for k, v in self.timings.items()}}
 
 
-def aggregate_frames(frames, num_surfels: int, adjacency: np.ndarray, cfg: AggregateConfig,
+def aggregate_frames(frames, num_surfels: int, adjacency: np.ndarray, cfg: InitConfig,
                      keep_observations: bool = False) -> AggregateResult:
     """Observe, fuse and fill over an iterable of already-posed frames.
 
@@ -543,7 +493,7 @@ def _fuse_and_fill(obs, n, S, adjacency, cfg, keep, timings, t0) -> AggregateRes
                            fused["inliers"], n, timings, obs if keep else None)
 
 
-def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) -> AggregateResult:
+def aggregate_sequence(setup, seq, cfg: InitConfig, progress: bool = True) -> AggregateResult:
     """Aggregate a training sequence onto the canonical surfels of ``setup``.
 
     Args:
@@ -557,8 +507,7 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
     """
     from tqdm import tqdm
 
-    from fmgs.trainer.models.foundation import frame_bone_transforms
-
+    
     sf = setup.surfels
     timings = {}
     if hasattr(seq, "load"):  # decode (and cache) the frames first; its time is reported apart
@@ -600,17 +549,17 @@ def aggregate_sequence(setup, seq, cfg: AggregateConfig, progress: bool = True) 
 
 
 # =========================================================================== preview avatar
-class PreviewAvatar(nn.Module):
-    """Fixed-colour avatar: initial canonical surfels, SMPL skinning, per-surfel colours.
-
-    Same call signature as :class:`fmgs.trainer.models.foundation.SurfelAvatar` (so
-    ``train.render_frame`` and ``train.quick_eval`` render it).
+class PreviewAvatar(AvatarModel):
+    """Fixed-colour avatar: initial canonical surfels, SMPL skinning, per-surfel colours
+    (an :class:`~fmgs.trainer.models.base.AvatarModel` without trainable parameters).
 
     Args:
         surfels: :class:`fmgs.surfels.CanonicalSurfels`.
         colors: (S, 3) colours in [0, 1] (e.g. :attr:`AggregateResult.colors`).
         opacity: opacity of every surfel, in (0, 1) (``surfels.init_opacity``).
     """
+
+    kind = "preview"
 
     def __init__(self, surfels, colors: np.ndarray, opacity: float = 0.9):
         super().__init__()
@@ -626,76 +575,21 @@ class PreviewAvatar(nn.Module):
         self.register_buffer("colors", torch.as_tensor(colors))
         self.register_buffer("opacities", torch.full((S,), float(opacity), dtype=f32))
 
-    @property
-    def num_surfels(self) -> int:
-        return int(self.centers.shape[0])
-
-    def forward(self, bone_transforms: torch.Tensor, camera_center: torch.Tensor):
-        """Pose for one frame -> :class:`fmgs.trainer.models.foundation.PosedSurfels` (world space)."""
-        from fmgs.trainer.models.fields import blend_lbs
-        from fmgs.trainer.models.foundation import PosedSurfels
-
+    def forward(self, bone_transforms: torch.Tensor, camera_center: torch.Tensor | None = None) -> PosedSurfels:
+        """Pose with ``(24, 4, 4)`` world-from-canonical bone transforms -> world-space
+        :class:`~fmgs.trainer.models.foundation.PosedSurfels` (the colours do not depend on the view)."""
         p = blend_lbs(self.skin_weights, bone_transforms, self.centers, self.frames)
         return PosedSurfels(p.means, p.rotations, self.scales, self.opacities, self.colors)
 
+    def pose(self, frame, setup: AvatarSetup, *, frame_id: int | None = None, training: bool = False,
+             semantic: bool = True) -> PosedSurfels:
+        """:meth:`forward` at the frame's SMPL pose (eq. 10-12 with SMPL weights)."""
+        B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, frame.poses,
+                                  frame.world_from_body)
+        return self(torch.as_tensor(B, dtype=torch.float32))
+
 
 # =========================================================================== warm start
-def warm_start_appearance(model, colors: np.ndarray, iters: int, lr_grid: float = 1e-2, lr_mlp: float = 5e-3,
-                          seed: int = 0, weights: np.ndarray | None = None) -> dict:
-    """Fit a :class:`SurfelAvatar`'s appearance (hash grid + colour MLP) to per-surfel colours.
-
-    Minimises ``mean_s w_s |sigmoid(MLP(f_c(mu_s), SH(d_s))) - c_s|^2`` with Adam, where
-    ``d_s`` is a random unit canonical view direction in the surfel's front hemisphere
-    (``d . n_c < 0``, the camera looks at the surfel), redrawn every iteration so the
-    view-dependent part starts neutral. Geometry (opacity, scales, displacement) is untouched.
-
-    Args:
-        model: the foundation avatar (modified in place).
-        colors: (S, 3) target colours in [0, 1].
-        iters: Adam iterations (0: nothing).
-        lr_grid, lr_mlp: learning rates of the hash table and the MLP.
-        seed: RNG seed of the view directions.
-        weights: optional (S,) per-surfel loss weights (default 1).
-
-    Returns:
-        dict with ``iterations``, ``seconds``, ``rmse_start``, ``rmse_end`` (colour units,
-        head-on view ``d = -n_c``).
-    """
-    from fmgs.trainer.models.fields import sh_basis
-
-    tgt = torch.as_tensor(np.asarray(colors, np.float32))
-    S = tgt.shape[0]
-    w = torch.ones(S) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
-    w = w / w.mean().clamp_min(1e-12)
-    normal_c = model.frames[:, :, 2]
-    gen = torch.Generator().manual_seed(int(seed))
-
-    def predict(d):
-        feats = model.canonical_features()
-        if model.view_dependent:
-            feats = torch.cat([feats, sh_basis(d, model.sh_degree)], dim=-1)
-        return torch.sigmoid(model.color_mlp(feats))
-
-    def rmse():
-        with torch.no_grad():
-            return float(((predict(-normal_c) - tgt) ** 2).mean().sqrt())
-
-    t0 = time.perf_counter()
-    r0 = rmse()
-    params = [{"params": list(model.grid.parameters()), "lr": lr_grid},
-              {"params": list(model.color_mlp.parameters()), "lr": lr_mlp}]
-    opt = torch.optim.Adam(params, eps=1e-15)
-    for _ in range(int(iters)):
-        r = torch.randn(S, 3, generator=gen)
-        d = torch.nn.functional.normalize(-normal_c + 0.9 * torch.nn.functional.normalize(r, dim=-1), dim=-1)
-        d = torch.where(((d * normal_c).sum(-1, keepdim=True) > 0), -d, d)
-        opt.zero_grad(set_to_none=True)
-        loss = (w[:, None] * (predict(d) - tgt) ** 2).mean()
-        loss.backward()
-        opt.step()
-    return {"iterations": int(iters), "seconds": time.perf_counter() - t0, "rmse_start": r0, "rmse_end": rmse()}
-
-
 def _save_colors(path: Path, res: AggregateResult) -> None:
     from safetensors.numpy import save_file
 
@@ -711,7 +605,7 @@ def apply_init(cfg, model, setup, train_seq, test_seq, run_dir: Path) -> float:
 
     ``none``: nothing. ``aggregate``: aggregate ``train_seq`` onto the surfels, write
     ``RUN_DIR/aggregate.safetensors`` and ``RUN_DIR/aggregate.json`` (statistics, timings),
-    then warm-start the foundation model's appearance field (:func:`warm_start_appearance`);
+    then warm-start the foundation model's appearance field (:meth:`~fmgs.trainer.models.base.AvatarModel.warm_start_appearance`);
     with ``train.eval_every`` it also appends the held-out PSNR after the warm start to
     ``progress.jsonl`` as iteration 0.
 
@@ -720,25 +614,20 @@ def apply_init(cfg, model, setup, train_seq, test_seq, run_dir: Path) -> float:
         training wall time; a cold run decodes them inside its first iteration, so the
         curves compare fairly). The iteration-0 evaluation is not counted.
 
-    Raises:
-        FmgsInputError: unknown ``init.kind`` or bad ``init`` settings.
+    The warm start needs a model with a hash grid and a colour MLP (the foundation model);
+    other models keep their initialisation, with a note.
     """
-    kind = str(cfg.init.kind) if cfg.get("init") is not None else "none"
-    if kind == "none":
+    if str(cfg.init.kind) == "none":
         return 0.0
-    if kind != "aggregate":
-        raise FmgsInputError(f"init.kind must be 'none' or 'aggregate', got {kind!r}")
     acfg = aggregate_config(cfg)
     t0 = time.perf_counter()
     res = aggregate_sequence(setup, train_seq, acfg)
     run_dir = Path(run_dir)
     _save_colors(run_dir / "aggregate.safetensors", res)
     info = {"aggregate": res.summary()}
-    if hasattr(model, "color_mlp") and hasattr(model, "grid"):
-        info["warmup"] = warm_start_appearance(model, res.colors, acfg.warmup_iters, acfg.warmup_lr_grid,
-                                               acfg.warmup_lr_mlp, seed=int(cfg.train.seed))
-    else:
-        info["warmup"] = None
+    info["warmup"] = model.warm_start_appearance(res.colors, acfg.warmup_iters, acfg.warmup_lr_grid,
+                                                 acfg.warmup_lr_mlp, seed=int(cfg.train.seed))
+    if info["warmup"] is None:
         print("init.kind=aggregate: the warm-up fits the foundation model's appearance; "
               f"{type(model).__name__} keeps its initialisation (aggregate.safetensors is written)")
     # Decoding the training frames (cached, shared with training) counts here: a cold run
@@ -753,8 +642,6 @@ def apply_init(cfg, model, setup, train_seq, test_seq, run_dir: Path) -> float:
           f"{res.timings['total']:.1f} s" + (f"; warm-up {w['iterations']} it, colour RMSE "
                                                f"{w['rmse_start']:.3f} -> {w['rmse_end']:.3f}" if w else ""))
     if int(cfg.train.eval_every or 0):
-        from fmgs.trainer.engine.train import quick_eval
-
         q = quick_eval(model, setup, test_seq, cfg, int(cfg.train.eval_frames))
         with open(run_dir / "progress.jsonl", "a") as f:
             f.write(json.dumps({"iteration": 0, "elapsed_s": round(spent, 2), **q}) + "\n")
@@ -789,16 +676,11 @@ def write_preview_bundle(out_dir: Path, setup, colors: np.ndarray, opacity: floa
 def evaluate_preview(model, setup, seq, cfg, max_frames: int | None = None) -> dict:
     """Held-out PSNR / SSIM of a :class:`PreviewAvatar` on ``seq`` (full images, configured
     background; the protocol of ``fmgs-eval``)."""
-    from fmgs.trainer.engine.metrics import psnr, ssim_metric
-    from fmgs.trainer.engine.train import render_frame
-
     n = len(seq) if max_frames is None else min(len(seq), int(max_frames))
     rec = []
-    with torch.no_grad():
-        for i in range(n):
-            fr = seq[i]
-            pred = render_frame(model, setup, fr, cfg).rgb.clamp(0, 1).numpy()
-            rec.append({"frame": fr.name, "psnr": psnr(pred, fr.image), "ssim": ssim_metric(pred, fr.image)})
+    for fr, out in heldout_renders(model, setup, seq, cfg, range(n)):
+        pred = out.rgb.clamp(0, 1).numpy()
+        rec.append({"frame": fr.name, "psnr": psnr(pred, fr.image), "ssim": ssim_metric(pred, fr.image)})
     return {"num_frames": n, "psnr": float(np.mean([r["psnr"] for r in rec])),
             "ssim": float(np.mean([r["ssim"] for r in rec])), "frames": rec}
 
@@ -813,11 +695,11 @@ def run_preview(cfg, out_dir: Path, evaluate: bool = True) -> dict:
         The metrics dictionary.
     """
     from fmgs.atomic import write_json_atomic
-    from fmgs.config import save_config
-    from fmgs.trainer.engine.train import build_setup, open_sequence
+    from fmgs.config import absolute_paths, save_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    absolute_paths(cfg)
     save_config(cfg, out_dir / "config.yaml")
     acfg = aggregate_config(cfg)
     t0 = time.perf_counter()

@@ -31,17 +31,17 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from fmgs.trainer.models.fields import sample_mesh_surface, skinning_regulariser, skinning_weight_schedule
 from fmgs.trainer.losses.terms import (
     depth_ranking_loss, isometry_loss, mask_bce_loss, normal_consistency_loss, normal_from_depth,
-    normal_prior_loss, normal_tv_loss, photometric_loss, semantic_ce_loss, semantic_feature_consistency,
+    normal_prior_loss, normal_tv_loss, photometric_loss, sample_mesh_surface, semantic_ce_loss,
+    semantic_feature_consistency, skinning_regulariser, skinning_weight_schedule,
 )
 
 
 def semantic_weights_only(cfg: DictConfig) -> bool:
     """Whether the semantic losses reach the semantic field only (``train.coordinated`` and
     ``train.semantic_weights_only``; see :mod:`fmgs.trainer.losses.coordinated`)."""
-    return bool(cfg.train.coordinated) and bool(cfg.train.get("semantic_weights_only", False))
+    return bool(cfg.train.coordinated) and bool(cfg.train.semantic_weights_only)
 
 
 def prior_term_scale(cfg: DictConfig, prior: dict | None) -> float:
@@ -55,7 +55,7 @@ def prior_term_scale(cfg: DictConfig, prior: dict | None) -> float:
     priors (Sapiens, the paper's) always get the full weights. The semantic term (eq. 19) is
     not scaled: with ``train.semantic_weights_only`` it trains only the semantic field."""
     if prior and prior.get("kind") == "body-model":
-        return float(cfg.loss.get("body_model_prior_scale", 1.0))
+        return float(cfg.loss.body_model_prior_scale)
     return 1.0
 
 
@@ -63,7 +63,7 @@ def normal_consistency_start(cfg: DictConfig) -> int:
     """First iteration of the normal self-consistency term L_sn: ``loss.normal_consistency_start``
     times ``train.iterations`` (2DGS switches its normal consistency on at 7k of 30k
     iterations, i.e. ~0.23; the paper gives no schedule)."""
-    return int(round(float(cfg.loss.get("normal_consistency_start", 0.0)) * int(cfg.train.iterations)))
+    return int(round(float(cfg.loss.normal_consistency_start) * int(cfg.train.iterations)))
 
 
 def foreground_crop(mask: torch.Tensor, margin: int = 2) -> tuple[slice, slice] | None:

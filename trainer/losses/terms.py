@@ -518,3 +518,75 @@ def isometry_loss(
     dc = torch.linalg.vector_norm(canonical_centers.index_select(0, i) - canonical_centers.index_select(0, j), dim=-1)
     do = torch.linalg.vector_norm(posed_centers.index_select(0, i) - posed_centers.index_select(0, j), dim=-1)
     return (do - dc.to(do.dtype)).abs().mean()
+
+
+def sample_mesh_surface(vertices: torch.Tensor, faces: torch.Tensor, vertex_weights: torch.Tensor,
+                        num_samples: int = 1024, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random points on a triangle mesh with barycentrically interpolated skinning
+    weights (the "random surface samples" of the skinning regulariser).
+
+    Faces are drawn with probability proportional to their area, barycentric coordinates
+    uniformly on the triangle (``sqrt`` trick).
+
+    Args:
+        vertices: ``(V, 3)`` canonical mesh vertices (e.g. SMPL in the star pose), metres.
+        faces: ``(F, 3)`` int64 vertex indices.
+        vertex_weights: ``(V, 24)`` SMPL skinning weights.
+        num_samples: number of points ``N`` (3DGS-Avatar: 1024 per iteration).
+        generator: optional CPU ``torch.Generator``.
+
+    Returns:
+        ``(points (N, 3), weights (N, 24))`` in the vertices' dtype/device.
+    """
+    faces = faces.long()
+    v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    area = torch.linalg.cross(v1 - v0, v2 - v0).norm(dim=-1)
+    fid = torch.multinomial(area.detach().cpu().double(), num_samples, replacement=True, generator=generator)
+    fid = fid.to(vertices.device)
+    r = torch.rand(num_samples, 2, generator=generator, dtype=torch.float64).to(vertices.device, vertices.dtype)
+    su = r[:, 0].sqrt()
+    b = torch.stack([1.0 - su, su * (1.0 - r[:, 1]), su * r[:, 1]], dim=-1)  # (N, 3)
+    tri = faces[fid]
+    pts = (b[:, :, None] * vertices[tri]).sum(1)
+    w = (b[:, :, None].to(vertex_weights.dtype) * vertex_weights[tri]).sum(1)
+    return pts, w
+
+
+def skinning_regulariser(field, surface_points: torch.Tensor,
+                         smpl_weights: torch.Tensor, prior: bool = False) -> torch.Tensor:
+    """Skinning regulariser ``L_skin`` (eq. 21, as 3DGS-Avatar): pull the predicted
+    weights towards SMPL's at points on the canonical body surface.
+
+    ``L_skin = mean_{i, b} (W_b(x_i) - w^SMPL_{i, b})^2`` (mean squared error over the
+    ``N x 24`` entries), with ``x_i`` random surface samples (:func:`sample_mesh_surface`,
+    1024 per iteration). MSE was chosen over L1 because the targets are smooth and the
+    quadratic penalty does not push small weights to exactly zero. Weight it with
+    :func:`skinning_weight_schedule`.
+
+    Args:
+        field: the skinning field (:class:`fmgs.trainer.models.fields.SkinningField`).
+        surface_points: ``(N, 3)`` canonical surface points, metres.
+        smpl_weights: ``(N, 24)`` SMPL skinning weights at those points (rows sum to 1).
+
+    Returns:
+        Scalar tensor.
+    """
+    pred = field(surface_points, prior_weights=smpl_weights if prior else None)
+    return F.mse_loss(pred, smpl_weights.to(pred.dtype))
+
+
+def skinning_weight_schedule(it: int, warmup_iters: int = 1000, initial: float = 10.0,
+                             final: float = 0.1) -> float:
+    """Loss weight ``lambda_skin`` of :func:`skinning_regulariser` at iteration ``it``
+    (3DGS-Avatar: 10 for the first 1k iterations, then 0.1).
+
+    Args:
+        it: 0-based training iteration.
+        warmup_iters: iterations with the ``initial`` weight.
+        initial, final: the two weights.
+
+    Returns:
+        ``initial`` if ``it < warmup_iters`` else ``final``.
+    """
+    return float(initial) if it < warmup_iters else float(final)

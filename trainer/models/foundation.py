@@ -20,45 +20,25 @@ Pipeline per frame (paper Sec. 4, foundation subset):
 
 ``B_b`` are world-from-canonical bone transforms: ``world_from_body @ G_pose_b @
 inv(G_canonical_b)`` (3DGS-Avatar's convention), computed in NumPy by
-:func:`frame_bone_transforms`.
+:func:`fmgs.trainer.models.base.frame_bone_transforms`.
+
+Losses (eq. 13-14): ``(1-l) L1 + l D-SSIM`` with ``l = train.lambda_ssim`` plus
+``train.lambda_mask * BCE(alpha, mask)``.
 """
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fmgs.body_model import SMPLModel, bone_transforms
 from fmgs.surfels import CanonicalSurfels
+from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
+from fmgs.trainer.models.base import AvatarModel, AvatarSetup, frame_bone_transforms, inverse_sigmoid
 from fmgs.trainer.models.fields import blend_lbs, sh_basis
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
-
-def frame_bone_transforms(
-    smpl: SMPLModel,
-    rest_joints: np.ndarray,
-    canonical_G: np.ndarray,
-    poses: np.ndarray,
-    world_from_body: np.ndarray,
-) -> np.ndarray:
-    """World-from-canonical bone transforms for one frame (3DGS-Avatar convention).
-
-    Args:
-        smpl: the body model (joint tree).
-        rest_joints: (24, 3) float64 shaped rest-pose joints (metres, body frame).
-        canonical_G: (24, 4, 4) float64 relative bone transforms of the canonical pose.
-        poses: (72,) SMPL axis-angle (radians) of the frame, root included (zero for ZJU).
-        world_from_body: (4, 4) float64 rigid transform body -> world (ZJU ``Rh``, ``Th``).
-
-    Returns:
-        (24, 4, 4) float64 ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)``,
-        mapping canonical-space points to world space (metres).
-    """
-    return bone_transforms(np.asarray(poses, np.float64).reshape(24, 3), world_from_body, rest_joints,
-                           smpl.parents, np.linalg.inv(canonical_G))[1]
-
 
 @dataclass
 class PosedSurfels:
@@ -78,17 +58,19 @@ class PosedSurfels:
     opacities: torch.Tensor
     colors: torch.Tensor
 
+    def render_inputs(self) -> dict[str, torch.Tensor]:
+        """The rasteriser inputs by name (:func:`fmgs.trainer.render.dispatch.render_posed`)."""
+        return {"means": self.means, "rotations": self.rotations, "scales": self.scales,
+                "opacities": self.opacities, "colors": self.colors}
 
-def _inverse_sigmoid(p: float) -> float:
-    return math.log(p / (1.0 - p))
 
-
-class SurfelAvatar(nn.Module):
+class SurfelAvatar(AvatarModel):
     """Foundation FMGS avatar (see module docstring for the equations).
 
     Args:
         surfels: canonical surfels (fixed centres, frames, initial scales, SMPL skinning weights).
-        cfg: the ``model`` section of the run config (hash grid sizes, colour MLP).
+        cfg: the ``model`` section of the run config (:class:`fmgs.config.ModelConfig`: hash grid,
+            view dependence, ``foundation`` colour MLP and displacement switch).
         init_opacity: initial opacity of every surfel, in (0, 1).
 
     Buffers (not trained): canonical centres (S,3), frames (S,3,3), initial log
@@ -96,6 +78,8 @@ class SurfelAvatar(nn.Module):
     Parameters: hash table, colour MLP, opacity logits (S,), log-scale deltas
     (S,2), normal displacements (S,) in metres.
     """
+
+    kind = "foundation"
 
     def __init__(self, surfels: CanonicalSurfels, cfg, init_opacity: float = 0.9):
         super().__init__()
@@ -124,20 +108,22 @@ class SurfelAvatar(nn.Module):
         n_sh = (self.sh_degree + 1) ** 2 if self.view_dependent else 0
         layers: list[nn.Module] = []
         width_in = self.grid.output_dim + n_sh
-        for _ in range(int(cfg.color_mlp_layers)):
-            layers += [nn.Linear(width_in, int(cfg.color_mlp_width)), nn.ReLU(inplace=True)]
-            width_in = int(cfg.color_mlp_width)
+        fc = cfg.foundation
+        for _ in range(int(fc.color_mlp_layers)):
+            layers += [nn.Linear(width_in, int(fc.color_mlp_width)), nn.ReLU(inplace=True)]
+            width_in = int(fc.color_mlp_width)
         layers.append(nn.Linear(width_in, 3))
         self.color_mlp = nn.Sequential(*layers)
 
-        self.opacity_logit = nn.Parameter(torch.full((n,), _inverse_sigmoid(init_opacity), dtype=f32))
+        self.opacity_logit = nn.Parameter(torch.full((n,), inverse_sigmoid(init_opacity), dtype=f32))
         self.log_scale_delta = nn.Parameter(torch.zeros(n, 2, dtype=f32))
-        self.learn_displacement = bool(cfg.learn_displacement)
+        self.learn_displacement = bool(fc.learn_displacement)
         self.displacement = nn.Parameter(torch.zeros(n, dtype=f32), requires_grad=self.learn_displacement)
 
-    @property
-    def num_surfels(self) -> int:
-        return int(self.centers.shape[0])
+    @classmethod
+    def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "SurfelAvatar":
+        """From the run config's ``model`` and ``surfels.init_opacity`` (no per-frame parameters)."""
+        return cls(setup.surfels, cfg.model, init_opacity=float(cfg.surfels.init_opacity))
 
     def param_groups(self, lr) -> list[dict]:
         """Adam parameter groups with the learning rates of ``train.lr``."""
@@ -182,3 +168,75 @@ class SurfelAvatar(nn.Module):
         scales = torch.exp(self.log_scales0 + self.log_scale_delta)                     # eq. 5 (static)
         opacities = torch.sigmoid(self.opacity_logit)
         return PosedSurfels(means, rotations, scales, opacities, colors)
+
+    def pose(self, frame, setup: AvatarSetup, *, frame_id: int | None = None, training: bool = False,
+             semantic: bool = True) -> PosedSurfels:
+        """:meth:`forward` at the frame's bone transforms and camera centre (no per-frame
+        parameters, no training-time behaviour, no semantic outputs)."""
+        B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, frame.poses,
+                                  frame.world_from_body)
+        return self(torch.as_tensor(B, dtype=torch.float32),
+                    torch.as_tensor(frame.camera.center, dtype=torch.float32))
+
+    def bundle_info(self) -> dict:
+        """SH degree and view dependence of the colour."""
+        return {"sh_degree": int(self.sh_degree), "view_dependent": bool(self.view_dependent)}
+
+    def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
+        """``photometric`` (eq. 13) and ``mask_bce`` (eq. 14)."""
+        gt = torch.from_numpy(frame.image)
+        mask = torch.from_numpy(frame.mask)
+        return {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(cfg.train.lambda_ssim)),
+                "mask_bce": float(cfg.train.lambda_mask) * mask_bce_loss(out.alpha, mask)}
+
+    def warm_start_appearance(self, colors: np.ndarray, iters: int, lr_grid: float = 1e-2, lr_mlp: float = 5e-3,
+                              seed: int = 0, weights: np.ndarray | None = None) -> dict:
+        """Fit the appearance (hash grid + colour MLP) to per-surfel colours.
+
+        Minimises ``mean_s w_s |sigmoid(MLP(f_c(mu_s), SH(d_s))) - c_s|^2`` with Adam, where
+        ``d_s`` is a random unit canonical view direction in the surfel's front hemisphere
+        (``d . n_c < 0``, the camera looks at the surfel), redrawn every iteration so the
+        view-dependent part starts neutral. Geometry (opacity, scales, displacement) is untouched.
+
+        Args:
+            colors: (S, 3) target colours in [0, 1].
+            iters: Adam iterations (0: nothing).
+            lr_grid, lr_mlp: learning rates of the hash table and the MLP.
+            seed: RNG seed of the view directions.
+            weights: optional (S,) per-surfel loss weights (default 1).
+
+        Returns:
+            dict with ``iterations``, ``seconds``, ``rmse_start``, ``rmse_end`` (colour units,
+            head-on view ``d = -n_c``).
+        """
+        tgt = torch.as_tensor(np.asarray(colors, np.float32))
+        S = tgt.shape[0]
+        w = torch.ones(S) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
+        w = w / w.mean().clamp_min(1e-12)
+        normal_c = self.frames[:, :, 2]
+        gen = torch.Generator().manual_seed(int(seed))
+
+        def predict(d):
+            feats = self.canonical_features()
+            if self.view_dependent:
+                feats = torch.cat([feats, sh_basis(d, self.sh_degree)], dim=-1)
+            return torch.sigmoid(self.color_mlp(feats))
+
+        def rmse():
+            with torch.no_grad():
+                return float(((predict(-normal_c) - tgt) ** 2).mean().sqrt())
+
+        t0 = time.perf_counter()
+        r0 = rmse()
+        params = [{"params": list(self.grid.parameters()), "lr": lr_grid},
+                  {"params": list(self.color_mlp.parameters()), "lr": lr_mlp}]
+        opt = torch.optim.Adam(params, eps=1e-15)
+        for _ in range(int(iters)):
+            r = torch.randn(S, 3, generator=gen)
+            d = torch.nn.functional.normalize(-normal_c + 0.9 * torch.nn.functional.normalize(r, dim=-1), dim=-1)
+            d = torch.where(((d * normal_c).sum(-1, keepdim=True) > 0), -d, d)
+            opt.zero_grad(set_to_none=True)
+            loss = (w[:, None] * (predict(d) - tgt) ** 2).mean()
+            loss.backward()
+            opt.step()
+        return {"iterations": int(iters), "seconds": time.perf_counter() - t0, "rmse_start": r0, "rmse_end": rmse()}

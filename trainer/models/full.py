@@ -45,7 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmgs.config import FullSettings, HashGridSettings
 from fmgs.surfels import CanonicalSurfels
+from fmgs.trainer.losses.coordinated import coordinated_backward
+from fmgs.trainer.losses.objectives import full_loss_groups
+from fmgs.trainer.models.base import AvatarModel, AvatarSetup, inverse_sigmoid
 from fmgs.trainer.models.fields import (
     NUM_BONES,
     NUM_SEMANTIC_CLASSES,
@@ -66,7 +70,7 @@ from fmgs.trainer.models.fields import (
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
 from fmgs.trainer.models.smpl_torch import batch_axis_angle_to_matrix, forward_kinematics_torch
 
-__all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints", "render_full"]
+__all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints"]
 
 
 # =========================================================================== config
@@ -126,8 +130,10 @@ class FullModelConfig:
             ``mu_b = mu + n * d`` and ``s_b = s * exp(delta_s)`` (the foundation model's
             static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
             parameters under its pose-dependent residual). The field's residual (eq. 4-6)
-            then acts on ``(mu_b, R, s_b)``. Off by default in the dataclass for
-            checkpoints trained before it existed; on in the shipped config.
+            then acts on ``(mu_b, R, s_b)``.
+
+    The defaults of the settings a user can change come from :class:`fmgs.config.FullSettings`
+    (the one place defaults live); :meth:`from_run_config` maps a run config onto this.
         use_geometry_field: eq. 3-6 on (off: ``mu' = mu``, ``R' = R``, ``s' = s``, ``z_g = 0``).
         use_skinning_field: eq. 9 on (off: SMPL weights carried to the surfels).
         skinning_prior: offset the skinning field's logits by ``log`` of the surfels' SMPL
@@ -138,36 +144,57 @@ class FullModelConfig:
         num_frames: number of training frames (for the pose correction).
     """
 
-    hash_grid: HashGridConfig = field(default_factory=lambda: HashGridConfig(
-        n_levels=16, n_features_per_level=2, log2_hashmap_size=16, base_resolution=16, max_resolution=2048))
+    hash_grid: HashGridConfig = field(default_factory=lambda: HashGridConfig(**{
+        k: getattr(HashGridSettings, k) for k in HashGridSettings.__dataclass_fields__}))
     grid_padding: float = 0.05
     fused_grid_gather: bool = True
     pose_dim: int = 16
     geometry_latent_dim: int = 16
-    geometry_width: int = 64
+    geometry_width: int = FullSettings.geometry_width
     geometry_hidden: int = 2
     appearance_width: int = 64
-    appearance_hidden: int = 1
+    appearance_hidden: int = FullSettings.appearance_hidden
     sh_degree: int = 3
     semantic_width: int = 64
     semantic_hidden: int = 1
     num_classes: int = NUM_SEMANTIC_CLASSES
     skinning_padding: float = 0.1
     skinning_grid: HashGridConfig | None = None
-    skinning_query: str = "canonical"
-    skinning_subset: float = 0.25
+    skinning_query: str = FullSettings.skinning_query
+    skinning_subset: float = FullSettings.skinning_subset
     detach_skinning_query: bool = False
-    pose_noise_std: float = 0.1
-    pose_noise_p: float = 0.5
+    pose_noise_std: float = FullSettings.pose_noise_std
+    pose_noise_p: float = FullSettings.pose_noise_p
     init_opacity: float = 0.9
-    static_offsets: bool = False
-    max_displacement: float = 0.0
+    static_offsets: bool = FullSettings.static_offsets
+    max_displacement: float = FullSettings.max_displacement
     use_geometry_field: bool = True
     use_skinning_field: bool = True
     skinning_prior: bool = True
     use_semantic_field: bool = True
     use_pose_correction: bool = True
     num_frames: int = 1
+
+    @classmethod
+    def from_run_config(cls, cfg, num_frames: int) -> "FullModelConfig":
+        """The full model's configuration from a run config: ``model.full``, the shared
+        ``model.hash_grid`` / ``model.view_dependent`` / ``model.sh_degree`` and
+        ``surfels.init_opacity``; ``num_frames`` training frames get a pose correction."""
+        m, f = cfg.model, cfg.model.full
+        hg = m.hash_grid
+        return cls(
+            hash_grid=HashGridConfig(n_levels=int(hg.n_levels), n_features_per_level=int(hg.n_features_per_level),
+                                     log2_hashmap_size=int(hg.log2_hashmap_size),
+                                     base_resolution=int(hg.base_resolution), max_resolution=int(hg.max_resolution)),
+            sh_degree=int(m.sh_degree) if bool(m.view_dependent) else -1,
+            use_geometry_field=bool(f.geometry_field), use_skinning_field=bool(f.skinning_field),
+            use_semantic_field=bool(f.semantic_field), geometry_width=int(f.geometry_width),
+            appearance_hidden=int(f.appearance_hidden), skinning_query=str(f.skinning_query),
+            skinning_subset=float(f.skinning_subset),
+            use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
+            static_offsets=bool(f.static_offsets), max_displacement=float(f.max_displacement),
+            pose_noise_std=float(f.pose_noise_std), pose_noise_p=float(f.pose_noise_p),
+            init_opacity=float(cfg.surfels.init_opacity))
 
 
 # =========================================================================== outputs
@@ -276,12 +303,8 @@ def pose_frame(
     return rot, W[None] @ G_pose @ G_inv
 
 
-def _inverse_sigmoid(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
 # =========================================================================== the model
-class FMGSAvatar(nn.Module):
+class FMGSAvatar(AvatarModel):
     """Full FMGS-Avatar (eq. 2-12): pose-dependent geometry residual, neural skinning,
     pose/view-conditioned appearance and semantic fields on mesh-bound canonical surfels.
 
@@ -297,6 +320,9 @@ class FMGSAvatar(nn.Module):
     skinning fields (those switched on), opacity logits ``(S,)`` and, with
     ``use_pose_correction``, ``pose_correction.delta (num_frames, 24, 3)``.
     """
+
+    kind = "full"
+    needs_priors = True
 
     def __init__(self, surfels: CanonicalSurfels, cfg: FullModelConfig | None = None):
         super().__init__()
@@ -354,18 +380,34 @@ class FMGSAvatar(nn.Module):
         self.register_buffer("skin_cache", torch.zeros(n, self.skin_weights.shape[1], dtype=f32))
         self.register_buffer("skin_cache_valid", torch.zeros((), dtype=torch.bool))
         self.pose_correction = PoseCorrection(int(cfg.num_frames)) if cfg.use_pose_correction else None
-        self.opacity_logit = nn.Parameter(torch.full((n,), _inverse_sigmoid(cfg.init_opacity), dtype=f32))
+        self.opacity_logit = nn.Parameter(torch.full((n,), inverse_sigmoid(cfg.init_opacity), dtype=f32))
         if cfg.static_offsets:
             self.displacement = nn.Parameter(torch.zeros(n, dtype=f32))            # metres, along n
             self.log_scale_delta = nn.Parameter(torch.zeros(n, 2, dtype=f32))
         else:
             self.displacement = self.log_scale_delta = None
 
+    @classmethod
+    def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "FMGSAvatar":
+        """From a run config (:meth:`FullModelConfig.from_run_config`)."""
+        return cls(setup.surfels, FullModelConfig.from_run_config(cfg, num_frames))
+
     # ------------------------------------------------------------------ helpers
     @property
-    def num_surfels(self) -> int:
-        """Number of surfels ``S`` (fixed)."""
-        return int(self.centers.shape[0])
+    def semantic_classes(self) -> int:
+        """28 Sapiens classes with the semantic field, else 0."""
+        return int(self.cfg.num_classes) if self.semantic_field is not None else 0
+
+    def bundle_info(self) -> dict:
+        """The trained skinning query, which fields are on, and the SH degree of the colour."""
+        return {"skinning_query_trained": str(self.cfg.skinning_query),
+                "skinning_field": self.skinning_field is not None, "geometry_field": self.geometry_field is not None,
+                "semantic_field": self.semantic_field is not None, "sh_degree": int(self.appearance_field.sh_degree)}
+
+    def describe(self) -> dict:
+        """``kind`` and ``num_frames`` (rows of the pose correction; 0 without one)."""
+        return {"kind": self.kind,
+                "num_frames": 0 if self.pose_correction is None else int(self.pose_correction.delta.shape[0])}
 
     def _grids(self) -> list[HashGrid]:
         return [g for g in (self.geometry_grid, self.appearance_grid, self.semantic_grid) if g is not None]
@@ -474,10 +516,12 @@ class FMGSAvatar(nn.Module):
         mu = self.centers + self.frames[:, :, 2] * self.displacement[:, None]
         return mu, self.frames, self.scales0 * torch.exp(self.log_scale_delta)
 
-    def param_groups(self, lr_grid: float = 1e-2, lr_mlp: float = 1e-3, lr_opacity: float = 5e-2,
-                     lr_pose: float = 1e-4, lr_scale: float = 5e-3, lr_displacement: float = 2e-4) -> list[dict]:
+    def param_groups(self, lr) -> list[dict]:
         """Adam parameter groups (hash tables / MLPs / opacities / pose correction / static
-        offsets, with the foundation model's learning rates for the last)."""
+        offsets), with the rates of ``lr`` (the ``train.lr`` section: ``hash_grid``, ``mlp``,
+        ``opacity``, ``pose``, ``scale``, ``displacement``)."""
+        lr_grid, lr_mlp, lr_opacity, lr_pose = lr.hash_grid, lr.mlp, lr.opacity, lr.pose
+        lr_scale, lr_displacement = lr.scale, lr.displacement
         grids = [p for g in self._grids() for p in g.parameters()]
         if self.skinning_field is not None:
             grids += list(self.skinning_field.grid.parameters())
@@ -559,40 +603,23 @@ class FMGSAvatar(nn.Module):
             transforms=lbs.transforms,
         )
 
+    def pose(self, frame, setup: AvatarSetup, *, frame_id: int | None = None, training: bool = False,
+             semantic: bool = True) -> FullPosed:
+        """Pose for ``frame``: its SMPL pose plus the learnt correction of training frame
+        ``frame_id`` (none for held-out frames, ``frame_id=None``) through :func:`pose_frame`,
+        then :meth:`forward` (pose noise when ``training``)."""
+        pc = self.pose_correction if frame_id is not None else None
+        rot, B = pose_frame(frame.poses, frame_id if pc is not None else None, pc, setup.rest_joints,
+                            setup.canonical_G, frame.world_from_body)
+        return self(rot, B, torch.as_tensor(frame.camera.center, dtype=torch.float32),
+                    torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training,
+                    semantic=semantic)
 
-def render_full(posed: FullPosed, camera, background=None, backend: str = "auto",
-                max_fragments: int | None = None, semantic_weights_only: bool = False):
-    """Render a :class:`FullPosed` with :func:`fmgs.trainer.render.dispatch.rasterize_surfels`
-    (semantic logits as the ``extras`` channels).
+    def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
+        """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`)."""
+        return full_loss_groups(cfg, out, posed, self, frame, prior, iteration, generator=generator)
 
-    The tensors passed to the rasteriser are exactly ``posed.render_inputs()`` (the same
-    objects), so that dict can be handed to
-    :func:`fmgs.trainer.losses.coordinated.coordinated_backward`.
-
-    Args:
-        posed: the posed avatar.
-        camera: :class:`fmgs.camera.Camera` (``K`` pixels, ``viewmat`` world->camera,
-            ``width``, ``height``).
-        background: optional ``(3,)`` colour in [0, 1] (tensor or sequence); default black.
-        backend, max_fragments: as :func:`rasterize_surfels`.
-        semantic_weights_only: composite the semantic logits with the blending weights held
-            constant (``rasterize_surfels(extras_weights_only=True)``): a loss on
-            ``extras`` then reaches the semantic logits only, never the geometry (the
-            ``train.semantic_weights_only`` isolation of :mod:`fmgs.trainer.losses.coordinated`).
-
-    Returns:
-        :class:`fmgs.trainer.render.dispatch.RenderOutput`: ``rgb (H,W,3)``, ``alpha (H,W)``,
-        ``depth``/``depth_median (H,W)`` metres, ``normal (H,W,3)`` camera space,
-        ``extras (H,W,28)`` rendered logits (None without the semantic field).
-    """
-    from fmgs.trainer.render.dispatch import rasterize_surfels
-
-    x = posed.render_inputs()
-    dt = x["means"].dtype
-    bg = None if background is None else torch.as_tensor(np.asarray(background, np.float64), dtype=dt)
-    return rasterize_surfels(
-        x["means"], x["rotations"], x["scales"], x["opacities"], x["colors"],
-        torch.as_tensor(np.asarray(camera.K), dtype=dt), torch.as_tensor(np.asarray(camera.viewmat), dtype=dt),
-        int(camera.width), int(camera.height), extras=x.get("extras"), background=bg, backend=backend,
-        max_fragments=max_fragments, extras_weights_only=semantic_weights_only,
-    )
+    def backward(self, posed: FullPosed, groups: dict[str, torch.Tensor], cfg) -> None:
+        """Coordinated training (Sec. 4.5, :func:`fmgs.trainer.losses.coordinated.coordinated_backward`),
+        or a plain backward of the sum with ``train.coordinated=false``."""
+        coordinated_backward(posed.render_inputs(), groups, enabled=bool(cfg.train.coordinated))

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fmgs.trainer.render.cpu import rasterize_cpu
 from fmgs.trainer.render.types import RenderOutput
 
-__all__ = ["RenderOutput", "rasterize_surfels", "resolve_backend", "gsplat_available"]
+__all__ = ["RenderOutput", "rasterize_surfels", "render_posed", "resolve_backend", "gsplat_available"]
 
 _BACKENDS = ("auto", "cpu", "gsplat")
 
@@ -173,3 +174,35 @@ def rasterize_surfels(means: Tensor, rotations: Tensor, scales: Tensor, opacitie
     return rasterize_cpu(means, rotations, scales, opacities, colors, K, viewmat, int(width),
                          int(height), extras=extras, background=background, near=near,
                          max_fragments=max_fragments, extras_weights_only=extras_weights_only)
+
+
+def render_posed(posed, camera, background=None, backend: str = "auto", max_fragments: int | None = None,
+                 extras_weights_only: bool = False) -> RenderOutput:
+    """Render posed surfels (anything with ``render_inputs()``, e.g. an avatar's
+    :meth:`~fmgs.trainer.models.base.AvatarModel.pose` output) at a camera.
+
+    The tensors handed to the rasteriser are exactly ``posed.render_inputs()`` (the same
+    objects), so that dict can also be given to
+    :func:`fmgs.trainer.losses.coordinated.coordinated_backward`.
+
+    Args:
+        posed: ``render_inputs()`` -> ``means (S,3)``, ``rotations (S,3,3)``, ``scales (S,2)``,
+            ``opacities (S,)``, ``colors (S,3)`` and optionally ``extras (S,E)`` (world space, metres).
+        camera: :class:`fmgs.camera.Camera` (``K`` pixels, ``viewmat`` world->camera, ``width``, ``height``).
+        background: optional ``(3,)`` colour in [0, 1]; default black.
+        backend, max_fragments: as :func:`rasterize_surfels`.
+        extras_weights_only: composite ``extras`` with the blending weights held constant, so a
+            loss on them reaches the extras only, never the geometry.
+
+    Returns:
+        :class:`RenderOutput` at the camera's resolution.
+    """
+    x = posed.render_inputs()
+    dt = x["means"].dtype
+    bg = None if background is None else torch.as_tensor(np.asarray(background, np.float64), dtype=dt)
+    return rasterize_surfels(
+        x["means"], x["rotations"], x["scales"], x["opacities"], x["colors"],
+        torch.as_tensor(np.asarray(camera.K), dtype=dt), torch.as_tensor(np.asarray(camera.viewmat), dtype=dt),
+        int(camera.width), int(camera.height), extras=x.get("extras"), background=bg, backend=backend,
+        max_fragments=max_fragments, extras_weights_only=extras_weights_only,
+    )
