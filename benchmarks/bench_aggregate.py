@@ -1,4 +1,4 @@
-"""Instant-avatar aggregation (issue 7) on ZJU-MoCap 377: wall time per stage, preview
+"""Instant-avatar aggregation on ZJU-MoCap 377: wall time per stage, preview
 quality per frame subsampling, and mesh vs surfel visibility.
 
 Part 1, for each ``--steps`` value (``init.frame_step``: use every n-th training frame),

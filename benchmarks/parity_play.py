@@ -1,4 +1,4 @@
-"""Parity of the runtime frame with the trainer's render of the same avatar (issue 6).
+"""Parity of the runtime frame with the trainer's render of the same avatar.
 
 For a few training frames of a run, renders (a) the trainer's avatar (``fmgs.export.bake``
 rebuilds it exactly as ``fmgs-eval``) with the CPU 2DGS rasteriser and (b) the run's

@@ -35,7 +35,7 @@ THIN_SCALE = 1e-5
 def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
     """Rotation matrices -> unit quaternions ``(w, x, y, z)`` with ``w >= 0``.
 
-    Shepperd's method (branch on the largest of ``w, x, y, z``), float64 internally.
+    SciPy's ``Rotation.from_matrix`` (float64), reordered to 3DGS's scalar-first layout.
 
     Args:
         R: ``(N, 3, 3)`` proper rotations (``x' = R x``).
@@ -43,34 +43,10 @@ def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
     Returns:
         ``(N, 4)`` float64 quaternions; ``R == build_rotation(q)`` of 3DGS.
     """
-    R = np.asarray(R, np.float64)
-    m00, m11, m22 = R[:, 0, 0], R[:, 1, 1], R[:, 2, 2]
-    tr = m00 + m11 + m22
-    cand = np.stack([tr, m00, m11, m22], 1)
-    k = cand.argmax(1)
-    q = np.empty((R.shape[0], 4))
-    for case in range(4):
-        s = k == case
-        if not s.any():
-            continue
-        r = R[s]
-        if case == 0:
-            t = np.sqrt(1.0 + tr[s]) * 2
-            q[s] = np.stack([0.25 * t, (r[:, 2, 1] - r[:, 1, 2]) / t, (r[:, 0, 2] - r[:, 2, 0]) / t,
-                             (r[:, 1, 0] - r[:, 0, 1]) / t], 1)
-        elif case == 1:
-            t = np.sqrt(1.0 + r[:, 0, 0] - r[:, 1, 1] - r[:, 2, 2]) * 2
-            q[s] = np.stack([(r[:, 2, 1] - r[:, 1, 2]) / t, 0.25 * t, (r[:, 0, 1] + r[:, 1, 0]) / t,
-                             (r[:, 0, 2] + r[:, 2, 0]) / t], 1)
-        elif case == 2:
-            t = np.sqrt(1.0 + r[:, 1, 1] - r[:, 0, 0] - r[:, 2, 2]) * 2
-            q[s] = np.stack([(r[:, 0, 2] - r[:, 2, 0]) / t, (r[:, 0, 1] + r[:, 1, 0]) / t, 0.25 * t,
-                             (r[:, 1, 2] + r[:, 2, 1]) / t], 1)
-        else:
-            t = np.sqrt(1.0 + r[:, 2, 2] - r[:, 0, 0] - r[:, 1, 1]) * 2
-            q[s] = np.stack([(r[:, 1, 0] - r[:, 0, 1]) / t, (r[:, 0, 2] + r[:, 2, 0]) / t,
-                             (r[:, 1, 2] + r[:, 2, 1]) / t, 0.25 * t], 1)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    from scipy.spatial.transform import Rotation
+
+    xyzw = Rotation.from_matrix(np.asarray(R, np.float64)).as_quat()     # SciPy: scalar last
+    q = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
     q *= np.where(q[:, :1] < 0, -1.0, 1.0)
     return q
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -246,7 +246,6 @@ class TrainConfig:
             the last iteration (3DGS-Avatar: 0.01); 1 = constant.
         lambda_ssim: D-SSIM weight of eq. 13.
         lambda_mask: mask BCE weight of eq. 14 (3DGS-Avatar).
-        lambda_scale_reg: scale regulariser weight (0 = off).
         grad_clip: gradient-norm clip (0 = off).
         coordinated: full model: coordinated training (Sec. 4.5, gradient isolation).
         semantic_weights_only: with ``coordinated``: the semantic losses reach the semantic
@@ -269,7 +268,6 @@ class TrainConfig:
     lr_final_ratio: float = 1.0
     lambda_ssim: float = 0.2
     lambda_mask: float = 0.1
-    lambda_scale_reg: float = 0.0
     grad_clip: float = 0.0
     coordinated: bool = True
     semantic_weights_only: bool = True
@@ -353,8 +351,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-#: Keys that moved, old -> new: a ``config.yaml`` of an older run still loads.
+#: Keys that moved (old -> new) or went (old -> None): a ``config.yaml`` of an older run still loads.
 MOVED_KEYS = {
+    "train.lambda_scale_reg": None,      # never read by any model: dropped
     "model.color_mlp_width": "model.foundation.color_mlp_width",
     "model.color_mlp_layers": "model.foundation.color_mlp_layers",
     "model.learn_displacement": "model.foundation.learn_displacement",
@@ -466,7 +465,7 @@ def _migrate(node: DictConfig) -> DictConfig:
             continue
         parent, leaf = old.rsplit(".", 1)
         OmegaConf.select(node, parent).pop(leaf)
-        if OmegaConf.select(node, new, default=None) is None:
+        if new is not None and OmegaConf.select(node, new, default=None) is None:
             OmegaConf.update(node, new, val, force_add=True)
     return node
 
@@ -607,18 +606,13 @@ def validate(cfg: DictConfig, where=None) -> None:
 
 
 def _check_gsplat(where) -> None:
-    """``train.backend=gsplat`` needs CUDA and the gsplat package; say how to get them."""
+    """``train.backend=gsplat`` needs the gsplat package (say how to get it); the CUDA device
+    is checked where torch is loaded (:func:`fmgs.trainer.engine.run.check_backend`)."""
     import importlib.util
 
     if importlib.util.find_spec("gsplat") is None:
         raise FmgsInputError("train.backend=gsplat: gsplat is not installed (pip install gsplat, with a CUDA "
                              "build of torch); use train.backend=cpu or auto", where)
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FmgsInputError("train.backend=gsplat needs a CUDA device and torch sees none; "
-                                 "use train.backend=cpu or auto", where)
 
 
 def absolute_paths(cfg: DictConfig, base: str | os.PathLike | None = None) -> DictConfig:
@@ -646,12 +640,3 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
 
     with atomic_path(Path(path)) as tmp:
         OmegaConf.save(cfg, tmp)
-
-
-def section_dict(node: Any) -> dict:
-    """A config section as a plain ``dict`` (for checkpoints and reports)."""
-    if is_dataclass(node):
-        return {f.name: section_dict(getattr(node, f.name)) for f in fields(node)}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node

@@ -70,7 +70,7 @@ def build_small_avatar(smpl_path: Path, seed: int = 0, subdivisions: int = 0):
     torch.manual_seed(seed)
     smpl = load_smpl(smpl_path)
     surfels = build_canonical_surfels(smpl, betas=np.linspace(-0.5, 0.5, 10), subdivisions=subdivisions)
-    cfg = FullModelConfig(use_pose_correction=False, skinning_subset=1.0)
+    cfg = FullModelConfig(use_pose_correction=False, skinning_subset=1.0, static_offsets=False, max_displacement=0.0)
     model = FMGSAvatar(surfels, cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

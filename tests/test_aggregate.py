@@ -1,4 +1,4 @@
-"""Instant avatar (issue 7, ``fmgs.trainer.init.aggregate``) on a synthetic scene with known colours.
+"""Instant avatar (``fmgs.trainer.init.aggregate``) on a synthetic scene with known colours.
 
 The scene: two icospheres bound to two "bones" (sphere A, 320 faces, spins about the
 vertical axis; sphere B, 80 faces, orbits A and passes in front of and behind it), seen
@@ -413,8 +413,9 @@ def test_warm_start_lowers_colour_error(scene, result):
     torch.manual_seed(0)
     mcfg = OmegaConf.create({"hash_grid": {"n_levels": 8, "n_features_per_level": 2, "log2_hashmap_size": 12,
                                            "base_resolution": 4, "max_resolution": 64},
-                             "color_mlp_width": 32, "color_mlp_layers": 2, "view_dependent": True,
-                             "sh_degree": 3, "learn_displacement": False})
+                             "view_dependent": True, "sh_degree": 3,
+                             "foundation": {"color_mlp_width": 32, "color_mlp_layers": 2,
+                                            "learn_displacement": False}})
     sf = scene["surfels"]
     model = SurfelAvatar(sf, mcfg)
     eye = torch.eye(4).repeat(24, 1, 1)

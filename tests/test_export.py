@@ -506,15 +506,21 @@ def test_elementwise_rewrites_equal_the_trainer_functions():
     np.testing.assert_allclose(folded.numpy(), full.detach().numpy(), atol=1e-5)   # float32 storage
 
 
-def test_rotation_to_quaternion_all_branches():
+def test_rotation_to_quaternion_rebuilds_the_matrix_as_3dgs_does():
+    """The .ply quaternion, turned back into a matrix with 3DGS's ``build_rotation`` formula
+    (written out here), is the surfel frame; scalar first, w >= 0."""
     from scipy.spatial.transform import Rotation
 
     from fmgs.export.ply import rotation_to_quaternion
 
     Rs = Rotation.random(500, random_state=1).as_matrix()
-    # rotations by ~pi about each axis exercise the non-trace branches of Shepperd's method
+    # rotations by ~pi about each axis (w ~ 0) and the identity
     Rs = np.concatenate([Rs, Rotation.from_rotvec(np.eye(3) * (np.pi - 1e-3)).as_matrix(), np.eye(3)[None]])
     q = rotation_to_quaternion(Rs)
-    ref = Rotation.from_matrix(Rs).as_quat()[:, [3, 0, 1, 2]]        # scipy: (x, y, z, w)
-    ref *= np.where(ref[:, :1] < 0, -1, 1)
-    np.testing.assert_allclose(q, ref, atol=1e-9)
+    assert q.shape == (len(Rs), 4) and (q[:, 0] >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-12)
+    r, x, y, z = q.T
+    built = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - r * z), 2 * (x * z + r * y),
+                      2 * (x * y + r * z), 1 - 2 * (x * x + z * z), 2 * (y * z - r * x),
+                      2 * (x * z - r * y), 2 * (y * z + r * x), 1 - 2 * (x * x + y * y)], 1).reshape(-1, 3, 3)
+    np.testing.assert_allclose(built, Rs, atol=1e-12)

@@ -246,7 +246,7 @@ def test_semantic_classes_and_palette_file():
     img = fl.colorize_labels(torch.tensor([[0, 21], [27, 3]]))
     assert img.shape == (2, 2, 3) and img.dtype == np.uint8
     assert (img[0, 1] == fl.SAPIENS_PALETTE[21]).all()
-    assert SemanticField().num_classes == fl.NUM_SEMANTIC_CLASSES == 28
+    assert SemanticField().num_classes == fl.NUM_SAPIENS_CLASSES == 28
 
 
 # --------------------------------------------------------------------------- skinning

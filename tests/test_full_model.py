@@ -160,8 +160,8 @@ def test_static_offsets_match_the_foundation_static_geometry(real):
     found = build_model(cfg, setup)
     full = FMGSAvatar(setup.surfels, FullModelConfig(use_skinning_field=False, use_pose_correction=False,
                                                      static_offsets=True))
-    assert FMGSAvatar(setup.surfels, FullModelConfig(use_skinning_field=False, use_pose_correction=False)
-                      ).displacement is None
+    assert FMGSAvatar(setup.surfels, FullModelConfig(use_skinning_field=False, use_pose_correction=False,
+                                                     static_offsets=False)).displacement is None
     S = full.num_surfels
     d = (torch.rand(S) - 0.5) * 0.01
     ls = (torch.rand(S, 2) - 0.5) * 0.6

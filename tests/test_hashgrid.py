@@ -16,7 +16,6 @@ from conftest import cuda_available
 from fmgs.trainer.models.hashgrid import (
     HashGrid,
     HashGridConfig,
-    make_hash_encoding,
     normalize_to_bbox,
 )
 
@@ -279,13 +278,6 @@ def test_normalize_to_bbox():
     torch.testing.assert_close(u[0], torch.full((3,), 0.1 / 1.2, dtype=torch.float64))
     torch.testing.assert_close(u[1], torch.full((3,), 1.1 / 1.2, dtype=torch.float64))
     torch.testing.assert_close(u[2], torch.full((3,), 0.5, dtype=torch.float64))
-
-
-def test_make_hash_encoding_falls_back_to_pure_torch():
-    enc = make_hash_encoding(HashGridConfig(), prefer_tcnn=False)
-    assert isinstance(enc, HashGrid)
-    if not cuda_available():
-        assert isinstance(make_hash_encoding(HashGridConfig()), HashGrid)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Priors: on-disk format, Sapiens converter / runner, body-model producer (issue 4).
+"""Priors: on-disk format, Sapiens converter / runner, body-model producer.
 
 References are independent of the code under test: analytic sphere and plane geometry,
 trimesh's ray-triangle intersection (with a brute-force box index instead of rtree), and

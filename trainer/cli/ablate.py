@@ -53,11 +53,13 @@ def run_ablation(out: Path, config: str | None, overrides: list[str], variants: 
     Raises:
         FmgsInputError: unknown variant name or bad configuration.
     """
+    from fmgs.config import load_config, load_run_config
     from fmgs.trainer.engine.checkpoint import checkpoint_path
-    from fmgs.config import load_config
-    from fmgs.trainer.engine.evaluate import evaluate, load_run_config
+    from fmgs.trainer.engine.evaluate import evaluate
     from fmgs.trainer.engine.train import train
 
+    if not variants:
+        raise FmgsInputError(f"no ablation variant given; choose from {list(VARIANTS)}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise FmgsInputError(f"unknown ablation variant(s) {unknown}; choose from {list(VARIANTS)}")

@@ -22,6 +22,7 @@ from fmgs.trainer.engine.metrics import psnr
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup
 from fmgs.trainer.models.foundation import SurfelAvatar
 from fmgs.trainer.models.full import FMGSAvatar
+from fmgs.trainer.render.dispatch import resolve_backend
 from fmgs.trainer.render.types import RenderOutput
 
 #: ``model.kind`` -> the avatar class that implements it (the one table of model kinds).
@@ -46,6 +47,18 @@ def open_sequence(cfg: DictConfig, split: str) -> HumanNeRFSequence:
         raise FmgsInputError(f"data.{split}_range {list(d[f'{split}_range'])} selects no frame: the sequence "
                              f"has {len(seq.all_names)} frames (0-{len(seq.all_names) - 1})", d.root)
     return seq
+
+
+def check_backend(cfg: DictConfig) -> str:
+    """The rasteriser back-end ``train.backend`` resolves to on this machine.
+
+    Raises:
+        FmgsInputError: ``gsplat`` asked for without CUDA or without the package (says how to get it).
+    """
+    try:
+        return resolve_backend(str(cfg.train.backend))
+    except (RuntimeError, ValueError) as exc:
+        raise FmgsInputError(f"train.backend={cfg.train.backend}: {exc}") from exc
 
 
 def build_setup(cfg: DictConfig, seq: HumanNeRFSequence) -> AvatarSetup:
@@ -191,6 +204,7 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    check_backend(cfg)
     state = load_checkpoint(run_dir)
     seq = open_sequence(cfg, split)
     setup = build_setup(cfg, seq)

@@ -26,7 +26,7 @@ from fmgs.config import absolute_paths, save_config
 from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from fmgs.trainer.engine.metrics import psnr
 from fmgs.trainer.engine.run import (
-    apply_lr_schedule, build_model, build_setup, make_optimizer, open_sequence, quick_eval,
+    apply_lr_schedule, build_model, build_setup, check_backend, make_optimizer, open_sequence, quick_eval,
 )
 
 
@@ -88,6 +88,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    check_backend(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:

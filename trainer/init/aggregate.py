@@ -1,4 +1,4 @@
-"""Instant avatar: fuse every training frame onto the mesh-bound surfels (issue 7).
+"""Instant avatar: fuse every training frame onto the mesh-bound surfels.
 
 A training-free version of the Human Gaussian Graph's intra-/inter-node operations
 (Human Gaussian Graph, Sec. 3.3; ``shared/papers/human-gaussian-graph.txt``): our

@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmgs.body_model import NUM_JOINTS
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
 __all__ = [
     "SMPL_PARENTS",
-    "NUM_BONES",
-    "NUM_SEMANTIC_CLASSES",
-    "SAPIENS_CLASSES",
+            "SAPIENS_CLASSES",
     "SAPIENS_PALETTE",
     "SAPIENS_PALETTE_PATH",
     "load_sapiens_palette",
@@ -70,10 +69,6 @@ __all__ = [
 #: SMPL kinematic tree (parent of each of the 24 joints; parents precede children, so
 #: joint order 0..23 is a valid kinematic order). Same as ``kintree_table[0]`` of SMPL.
 SMPL_PARENTS: tuple[int, ...] = (-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21)
-#: Number of SMPL bones / joints.
-NUM_BONES = 24
-#: Number of Sapiens human-parsing classes (eq. 8).
-NUM_SEMANTIC_CLASSES = 28
 
 
 # =========================================================================== semantics palette
@@ -81,7 +76,7 @@ NUM_SEMANTIC_CLASSES = 28
 # The class list, palette and label colouring live in the torch-free core (the runtime
 # needs them too); re-exported here for the semantic field.
 from fmgs.priors import (  # noqa: E402
-    SAPIENS_CLASSES, SAPIENS_PALETTE, SAPIENS_PALETTE_PATH, colorize_labels, load_sapiens_palette,
+    NUM_SAPIENS_CLASSES, SAPIENS_CLASSES, SAPIENS_PALETTE, SAPIENS_PALETTE_PATH, colorize_labels, load_sapiens_palette,
 )
 
 
@@ -212,7 +207,7 @@ def pose_rotation_matrices(poses: torch.Tensor) -> torch.Tensor:
         ``(B, 24, 3, 3)`` rotations; joint 0 (the global orientation) is the identity,
         as the pose encoder expects (the code describes the articulation only).
     """
-    aa = poses.reshape(poses.shape[0], NUM_BONES, 3)
+    aa = poses.reshape(poses.shape[0], NUM_JOINTS, 3)
     rot = so3_exp(aa)
     eye = torch.eye(3, dtype=rot.dtype, device=rot.device).expand(rot.shape[0], 1, 3, 3)
     return torch.cat([eye, rot[:, 1:]], dim=1)
@@ -557,7 +552,7 @@ class SemanticField(nn.Module):
         n_hidden: hidden layers (1).
     """
 
-    def __init__(self, feature_dim: int = 32, num_classes: int = NUM_SEMANTIC_CLASSES,
+    def __init__(self, feature_dim: int = 32, num_classes: int = NUM_SAPIENS_CLASSES,
                  width: int = 64, n_hidden: int = 1):
         super().__init__()
         self.num_classes = num_classes
@@ -601,7 +596,7 @@ class SkinningField(nn.Module):
     """
 
     def __init__(self, bbox_min, bbox_max, padding: float = 0.1, grid_cfg: HashGridConfig | None = None,
-                 width: int = 128, n_hidden: int = 4, num_bones: int = NUM_BONES, include_xyz: bool = False,
+                 width: int = 128, n_hidden: int = 4, num_bones: int = NUM_JOINTS, include_xyz: bool = False,
                  prior_init: bool = False):
         super().__init__()
         self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).clone())
@@ -672,7 +667,7 @@ class PoseCorrection(nn.Module):
         delta: ``(num_frames, num_joints, 3)`` axis-angle corrections, radians.
     """
 
-    def __init__(self, num_frames: int, num_joints: int = NUM_BONES):
+    def __init__(self, num_frames: int, num_joints: int = NUM_JOINTS):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(num_frames, num_joints, 3))
 

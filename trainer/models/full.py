@@ -50,9 +50,9 @@ from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.coordinated import coordinated_backward
 from fmgs.trainer.losses.objectives import full_loss_groups
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup, inverse_sigmoid
+from fmgs.body_model import NUM_JOINTS
+from fmgs.priors import NUM_SAPIENS_CLASSES
 from fmgs.trainer.models.fields import (
-    NUM_BONES,
-    NUM_SEMANTIC_CLASSES,
     SMPL_PARENTS,
     AppearanceField,
     GeometryResidual,
@@ -66,9 +66,10 @@ from fmgs.trainer.models.fields import (
     blend_lbs,
     canonicalize_view_dirs,
     normalize_canonical_joints,
+    so3_exp,
 )
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
-from fmgs.trainer.models.smpl_torch import batch_axis_angle_to_matrix, forward_kinematics_torch
+from fmgs.trainer.models.smpl_torch import forward_kinematics_torch
 
 __all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints"]
 
@@ -157,7 +158,7 @@ class FullModelConfig:
     sh_degree: int = 3
     semantic_width: int = 64
     semantic_hidden: int = 1
-    num_classes: int = NUM_SEMANTIC_CLASSES
+    num_classes: int = NUM_SAPIENS_CLASSES
     skinning_padding: float = 0.1
     skinning_grid: HashGridConfig | None = None
     skinning_query: str = FullSettings.skinning_query
@@ -269,7 +270,7 @@ def pose_frame(
 
     ``theta_p = theta + delta[frame_id]`` (:class:`PoseCorrection`; no correction when
     ``pose_correction`` or ``frame_id`` is None, e.g. test frames), ``R_b =
-    exp([theta_p,b]_x)`` (:func:`batch_axis_angle_to_matrix`), ``G_pose =`` FK of ``R`` on
+    exp([theta_p,b]_x)`` (:func:`~fmgs.trainer.models.fields.so3_exp`), ``G_pose =`` FK of ``R`` on
     the rest joints (:func:`forward_kinematics_torch`) and
     ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)`` -- the same definition as
     :func:`fmgs.trainer.models.foundation.frame_bone_transforms`, but in torch so that ``delta``
@@ -292,10 +293,10 @@ def pose_frame(
     """
     dev = pose_correction.delta.device if pose_correction is not None else None
     theta = torch.as_tensor(np.asarray(poses, np.float64) if not torch.is_tensor(poses) else poses)
-    theta = theta.to(device=dev, dtype=dtype).reshape(1, NUM_BONES * 3)
+    theta = theta.to(device=dev, dtype=dtype).reshape(1, NUM_JOINTS * 3)
     if pose_correction is not None and frame_id is not None:
         theta = pose_correction(torch.tensor([int(frame_id)], device=theta.device), theta)
-    rot = batch_axis_angle_to_matrix(theta.reshape(NUM_BONES, 3))
+    rot = so3_exp(theta.reshape(NUM_JOINTS, 3))
     J = torch.as_tensor(np.asarray(rest_joints, np.float64), dtype=dtype, device=rot.device)
     G_pose = forward_kinematics_torch(rot, J, parents)
     G_inv = torch.as_tensor(np.linalg.inv(np.asarray(canonical_G, np.float64)), dtype=dtype, device=rot.device)

@@ -62,13 +62,11 @@ __all__ = [
     "HashLookup",
     "HashGrid",
     "TcnnHashGrid",
-    "make_hash_encoding",
     "normalize_to_bbox",
 ]
 
 #: Spatial-hash primes of the Instant-NGP paper / tcnn's ``coherent_prime_hash`` (3-D).
 HASH_PRIMES: tuple[int, int, int] = (1, 2654435761, 805459861)
-_UINT32_MASK = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -467,9 +465,11 @@ class HashGrid(nn.Module):
 class TcnnHashGrid(nn.Module):
     """``tinycudann.Encoding`` wrapped with :class:`HashGrid`'s interface (CUDA only).
 
-    ``precompute`` only stores the points (tcnn recomputes the lookup on the fly,
-    which is fast on a GPU); ``forward(x=None, lookup=None)`` returns ``(N, L * F)``
-    float32. Built by :func:`make_hash_encoding`; not testable without CUDA.
+    The CUDA reference that :class:`HashGrid`'s tcnn conventions are checked against on a GPU
+    (``tests/test_hashgrid.py``, ``benchmarks/gpu_check.sh``). The models use :class:`HashGrid`
+    everywhere: their lookups at the fixed canonical centres are precomputed once, which tcnn
+    cannot reuse. ``precompute`` only stores the points; ``forward(x=None, lookup=None)``
+    returns ``(N, L * F)`` float32.
     """
 
     def __init__(self, cfg: HashGridConfig | None = None) -> None:
@@ -499,25 +499,3 @@ class TcnnHashGrid(nn.Module):
             raise ValueError("give exactly one of x or lookup")
         pts = lookup if x is None else x.clamp(0.0, 1.0)
         return self.encoding(pts).float()
-
-
-def make_hash_encoding(cfg: HashGridConfig | None = None, prefer_tcnn: bool = True) -> nn.Module:
-    """Build a hash encoding: tiny-cuda-nn when importable and CUDA is present, else pure PyTorch.
-
-    Args:
-        cfg: grid configuration.
-        prefer_tcnn: try :class:`TcnnHashGrid` first (only with ``convention='tcnn'``).
-
-    Returns:
-        A module with ``precompute(x)``, ``forward(x=None, lookup=None) -> (N, L*F)``
-        and ``output_dim``.
-    """
-    cfg = cfg or HashGridConfig()
-    if prefer_tcnn and cfg.convention == "tcnn" and torch.cuda.is_available():
-        try:
-            import tinycudann  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return TcnnHashGrid(cfg)
-    return HashGrid(cfg)

@@ -13,7 +13,7 @@ import torch
 
 from fmgs.body_model import load_smpl
 
-__all__ = ["build_smplx_model", "batch_axis_angle_to_matrix", "forward_kinematics_torch"]
+__all__ = ["build_smplx_model", "forward_kinematics_torch"]
 
 
 def build_smplx_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **smpl_kwargs):
@@ -57,33 +57,6 @@ def build_smplx_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     )
     smpl_kwargs.setdefault("num_betas", model.num_betas)
     return smplx.SMPL(os.fspath(path), data_struct=Struct(**arrays), dtype=dtype, **smpl_kwargs)
-
-
-def batch_axis_angle_to_matrix(aa: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula for tensors, stable (and differentiable) at zero angle.
-
-    Same convention as :func:`fmgs.body_model.axis_angle_to_matrix` and
-    ``smplx.lbs.batch_rodrigues``; Taylor series below angle 1e-4 rad.
-
-    Args:
-        aa: (..., 3) axis-angle vectors, radians, any floating dtype/device.
-
-    Returns:
-        (..., 3, 3) rotation matrices, same dtype/device as ``aa``.
-    """
-    if aa.shape[-1] != 3:
-        raise ValueError(f"batch_axis_angle_to_matrix expects (...,3), got {tuple(aa.shape)}")
-    t2 = (aa * aa).sum(-1)
-    small = t2 < 1e-8
-    t2s = torch.where(small, torch.ones_like(t2), t2)
-    ts = torch.sqrt(t2s)
-    a = torch.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, torch.sin(ts) / ts)
-    b = torch.where(small, 0.5 - t2 / 24.0 + t2 * t2 / 720.0, (1.0 - torch.cos(ts)) / t2s)
-    x, y, z = aa.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*aa.shape[:-1], 3, 3)
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device)
-    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
 
 
 def forward_kinematics_torch(
