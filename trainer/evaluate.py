@@ -100,12 +100,16 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         The metrics dictionary written to ``metrics.json``.
 
     Raises:
-        FmgsInputError: missing run files or data (names the file).
+        FmgsInputError: missing run files or data (names the file), ``max_frames < 1`` or
+            an empty test split. ``metrics.json`` is replaced (atomically) only once every
+            frame is scored, so a failed evaluation never clobbers an earlier result.
     """
     import imageio.v3 as iio
     import skimage
 
     run_dir = Path(run_dir)
+    if max_frames is not None and (isinstance(max_frames, bool) or int(max_frames) < 1):
+        raise FmgsInputError(f"--max-frames must be a positive number of frames, got {max_frames!r}")
     cfg = load_run_config(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "eval"
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             row = np.concatenate(modal_panels(out, fr.camera.K), axis=1)
             iio.imwrite(out_dir / "modes" / f"{fr.name}.png", row)
             modes.append(row)
+
+    if not per_frame:  # nothing new to report: keep the previous metrics.json as it is
+        raise FmgsInputError("the test split has no frames to evaluate (metrics.json left unchanged)", run_dir)
 
     def mean(key):
         vals = [r[key] for r in per_frame if r[key] is not None]
