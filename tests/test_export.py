@@ -517,3 +517,18 @@ def test_rotation_to_quaternion_all_branches():
     ref = Rotation.from_matrix(Rs).as_quat()[:, [3, 0, 1, 2]]        # scipy: (x, y, z, w)
     ref *= np.where(ref[:, :1] < 0, -1, 1)
     np.testing.assert_allclose(q, ref, atol=1e-9)
+
+
+def test_overwrite_replaces_our_bundle_only(foundation_export, tmp_path):
+    """--overwrite onto a bundle of ours works; onto the (real) run folder it is refused, run intact."""
+    from fmgs.bundle import read_bundle
+
+    run, bdir, _ = foundation_export
+    shutil.copytree(bdir, tmp_path / "b")
+    rc, _, err = _cli([str(run), "--out", str(tmp_path / "b"), "--no-check", "--trt", "off", "--overwrite"])
+    assert rc == 0, err
+    assert read_bundle(tmp_path / "b").kind == "foundation" and sorted(os.listdir(tmp_path)) == ["b"]
+    before = sorted(p.name for p in run.rglob("*"))
+    rc, _, err = _cli([str(run), "--out", str(run), "--no-check", "--trt", "off", "--overwrite"])
+    assert rc == 2 and "refusing to replace: this folder is" in err
+    assert sorted(p.name for p in run.rglob("*")) == before
