@@ -302,8 +302,7 @@ def load_pickle(path: str | os.PathLike) -> object:
         raise FmgsInputError(f"refusing to load pickle: {exc}", spath) from exc
     except RecursionError as exc:
         raise FmgsInputError("corrupt pickle: nesting too deep", spath) from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - only allow-listed constructors ran: any error is a corrupt file
         raise FmgsInputError(f"corrupt or truncated pickle ({type(exc).__name__}: {exc})", spath) from exc
 
 
@@ -400,6 +399,8 @@ def _tree(obj: Any, densify_sparse: bool, spath: str | None, depth: int) -> Any:
             return _chumpy_value(obj, spath)
         except RecursionError:
             raise FmgsInputError("corrupt pickle: chumpy objects nested too deeply", spath) from None
+        except (ValueError, TypeError) as exc:  # np.asarray of a ragged / odd value
+            raise FmgsInputError(f"corrupt chumpy value in pickle ({type(exc).__name__}: {exc})", spath) from exc
     if sp.issparse(obj):
         try:
             mat = _rebuild_sparse(obj)
