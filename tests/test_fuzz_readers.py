@@ -255,6 +255,7 @@ def test_fuzz_pickle_random_bytes(data):
     _load(data)
 
 
+@pytest.mark.filterwarnings("ignore:dtype\\(\\)")   # numpy deprecation noise from mutated dtype args
 @fuzz(400)
 @given(which=st.integers(0, len(_VALID) - 1),
        edits=st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]), st.integers(0, 10**6),
