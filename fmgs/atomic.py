@@ -4,6 +4,12 @@ Checkpoints, bundles and metrics are written to a temporary file in the same
 folder, flushed to disk, then moved over the target with :func:`os.replace`
 (atomic on POSIX and Windows). An interrupted write leaves at most a stray
 ``.tmp-*`` file, never a truncated target.
+
+Folders (bundles) are staged in hidden siblings named by :func:`staging_prefix`
+(``.tmp-``/``.stage-``/``.old-<name>-<pid>-XXXXXXXX``) that :func:`clean_stale` removes on
+the next write once their writer is gone. :func:`check_replaceable` is the one rule for
+replacing an existing folder: only what the project itself wrote, never a folder that is
+or holds what the command reads.
 """
 from __future__ import annotations
 
@@ -201,7 +207,11 @@ def check_replaceable(target: str | os.PathLike, is_ours, protect=(), what: str 
             rel = "is" if pr == real else "contains"
             raise FmgsInputError(f"refusing to replace: this folder {rel} {p}, which the command reads "
                                  "(choose another --out)", target)
-    if real == Path(real.anchor) or real == Path.home().resolve() or real == Path.cwd().resolve():
+    special = {Path(real.anchor)}
+    for where in (Path.home, Path.cwd):
+        with contextlib.suppress(OSError, RuntimeError):   # no $HOME, or a deleted cwd
+            special.add(where().resolve())
+    if real in special:
         raise FmgsInputError(f"refusing to replace the root, home or current folder as a {what}", target)
     why = is_ours(target)
     if why is not None:

@@ -235,8 +235,8 @@ def load_model(onnx_path, engines: dict | None = None, backend: str = "auto", pr
 
 
 def _shape_ok(declared, actual) -> bool:
-    """A model's declared shape (ints, None = dynamic) admits an actual shape."""
-    if declared is None:
+    """A model's declared shape (ints, None = dynamic) admits an actual shape (None: unknown)."""
+    if declared is None or actual is None:
         return True
     return len(declared) == len(actual) and all(d is None or d == a for d, a in zip(declared, actual))
 
@@ -255,7 +255,7 @@ def check_model_io(model, entry: dict | None, feeds: dict, outputs: tuple, path=
         model: :class:`OrtModel` or :class:`TensorRTModel` (shapes are checked for ONNX
             Runtime models, which declare them).
         entry: the manifest's ``models[name]`` entry, or None.
-        feeds: ``{input name: actual shape tuple}`` the runtime can feed.
+        feeds: ``{input name: actual shape tuple, or None when unknown}`` the runtime can feed.
         outputs: required output names; an item may be a tuple of aliases.
         path: the model file, for messages (default ``model.path``).
 
@@ -268,7 +268,7 @@ def check_model_io(model, entry: dict | None, feeds: dict, outputs: tuple, path=
         if n not in feeds:
             raise FmgsInputError(f"model input {n!r} is not one the runtime provides ({sorted(feeds)}): "
                                  "a model from another export or another kind of bundle?", path)
-        if not _shape_ok(shapes.get(n), tuple(feeds[n])):
+        if not _shape_ok(shapes.get(n), feeds[n] if feeds[n] is None else tuple(feeds[n])):
             raise FmgsInputError(f"model input {n!r} has shape {shapes[n]} (None = dynamic) but the bundle "
                                  f"provides {list(feeds[n])}", path)
     if entry:

@@ -347,8 +347,8 @@ class AvatarPipeline:
                 shp = getattr(m, "output_shapes", {}).get(out)
                 if shp is not None:
                     feeds[out] = tuple(S if d is None else d for d in shp)
-                elif out in m.output_names:
-                    feeds.setdefault(out, ())
+                elif out in m.output_names:   # a TensorRT engine: name known, shape not
+                    feeds.setdefault(out, None)
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:
