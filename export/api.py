@@ -12,6 +12,7 @@ the target that is removed at the end, whatever happens.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmgs.bundle import write_bundle
+from fmgs.atomic import clean_stale, staging_prefix
+from fmgs.bundle import check_bundle_replaceable, write_bundle
 from fmgs.errors import FmgsInputError
 
 #: fp16 parity is informational (float16 has ~3 significant digits); this is its threshold
@@ -49,7 +51,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         skinning_model: also export ``skinning.onnx`` (full model with a skinning field).
         ply: write ``avatar.ply``; ``ply_sh_rest``: with the 45 zero ``f_rest_*`` properties.
         overrides: OmegaConf dot-list applied over the run config before rebuilding.
-        overwrite: replace an existing bundle folder.
+        overwrite: replace an existing bundle folder -- only a bundle of ours that does not
+            hold ``run_dir`` (:func:`fmgs.bundle.check_bundle_replaceable`).
         threads: ONNX Runtime intra-op threads for the checks.
         fold: bake the per-surfel part of each MLP's first layer into the feature channels
             (exact; faster per frame; ``docs/bundle.md``); False keeps the raw features.
@@ -79,8 +82,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
             print(msg, flush=True)
 
     out = Path(out)
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise FmgsInputError("bundle folder already exists (use --overwrite to replace it)", out)
+    check_bundle_replaceable(out, protect=[run_dir])   # before any work, and again at the swap
     use_trt, trt_note = resolve_trt(trt)
     if not use_trt and trt == "auto":
         say(f"note: {trt_note}")
@@ -95,7 +99,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
     timings["bake_s"] = time.perf_counter() - t
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".stage-{out.name}-", dir=out.parent) as stage_s:
+    clean_stale(out)
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(out, "stage"), dir=out.parent) as stage_s:
         stage = Path(stage_s)
         t = time.perf_counter()
         entries = adapter.export_models(run, baked, stage, skinning=skinning_model)
@@ -190,7 +195,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         write_bundle(out, baked.surfels, kind=run.kind, body_model=baked.body_model, models=entries, files=files,
                      producer={"run_dir": str(Path(run_dir).resolve()), "iteration": run.iteration,
                                "torch": torch.__version__},
-                     extra={"avatar": avatar}, overwrite=overwrite)
+                     extra={"avatar": avatar}, overwrite=overwrite, protect=[run_dir])
     total = time.perf_counter() - t_all
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     report["timings"]["total_s"] = round(total, 3)

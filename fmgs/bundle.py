@@ -45,12 +45,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fmgs.atomic import check_replaceable, clean_stale, default_mode, staging_prefix
 from fmgs.errors import FmgsInputError
 
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "SURFELS_NAME", "KINDS", "CHANNELS",
     "REQUIRED_CHANNELS", "CONVENTIONS", "MODEL_NAMES", "Bundle", "make_body_model", "write_bundle",
-    "read_bundle", "sha256_file",
+    "read_bundle", "sha256_file", "bundle_ownership", "check_bundle_replaceable",
 ]
 
 #: ``manifest["schema"]``.
@@ -124,6 +125,11 @@ CONVENTIONS: dict[str, str] = {
 }
 
 _SHA_CHUNK = 1 << 20
+#: Real manifests are a few hundred kB; anything far larger is not one (and is not parsed).
+_MAX_MANIFEST_BYTES = 64 << 20
+#: Tolerances of the surfel-frame check at load: |R^T R - I| and |det R - 1| (float32 frames
+#: re-orthonormalised by the exporter are within ~1e-6).
+_ROT_TOL = 1e-3
 
 
 # =========================================================================== helpers
@@ -184,23 +190,119 @@ def make_body_model(parents, rest_joints, canonical_joints, canonical_bone_trans
     return out
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num_array(v: Any, field: str, where: Path, shape: tuple | None = None, ndim: int | None = None) -> np.ndarray:
+    """``v`` as a finite float64 array of the given shape / rank, else FmgsInputError naming ``field``."""
+    try:
+        a = np.asarray(v, np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise FmgsInputError(f"manifest {field}: expected numbers, got {type(v).__name__}", where) from None
+    if (shape is not None and a.shape != shape) or (ndim is not None and a.ndim != ndim):
+        want = shape if shape is not None else f"{ndim}-D"
+        raise FmgsInputError(f"manifest {field}: expected shape {want}, got {a.shape}", where)
+    if not np.isfinite(a).all():
+        raise FmgsInputError(f"manifest {field}: non-finite values", where)
+    return a
+
+
 def _check_body_model(bm: Any, where: Path) -> None:
     if not isinstance(bm, dict):
         raise FmgsInputError("manifest 'body_model' must be an object", where)
-    try:
-        J = int(bm["num_joints"])
-        shapes = {"parents": (J,), "rest_joints": (J, 3), "canonical_joints": (J, 3),
-                  "canonical_bone_transforms": (J, 4, 4)}
-        for k, shape in shapes.items():
-            a = np.asarray(bm[k], np.float64)
-            if a.shape != shape or not np.isfinite(a).all():
-                raise FmgsInputError(f"manifest body_model.{k}: expected finite {shape}, got {a.shape}", where)
-        par = np.asarray(bm["parents"], np.int64)
-        if par[0] != -1 or any(not (0 <= p < b) for b, p in enumerate(par) if b > 0):
-            raise FmgsInputError("manifest body_model.parents: root must be -1 and parents precede children",
-                                 where)
-    except KeyError as exc:
-        raise FmgsInputError(f"manifest body_model lacks {exc.args[0]!r}", where) from None
+    for k in ("num_joints", "parents", "rest_joints", "canonical_joints", "canonical_bone_transforms"):
+        if k not in bm:
+            raise FmgsInputError(f"manifest body_model lacks {k!r}", where)
+    J = bm["num_joints"]
+    if not _is_int(J) or not 1 <= J <= 1000:
+        raise FmgsInputError(f"manifest body_model.num_joints must be an integer in 1..1000, got {J!r}", where)
+    if not isinstance(bm.get("type", "smpl"), str):
+        raise FmgsInputError("manifest body_model.type must be a string", where)
+    par = bm["parents"]
+    if not isinstance(par, list) or len(par) != J or not all(_is_int(p) for p in par):
+        raise FmgsInputError(f"manifest body_model.parents: expected a list of {J} integers", where)
+    if par[0] != -1 or any(not (0 <= p < b) for b, p in enumerate(par) if b > 0):
+        raise FmgsInputError("manifest body_model.parents: root must be -1 and parents precede children", where)
+    for k, shape in (("rest_joints", (J, 3)), ("canonical_joints", (J, 3)), ("canonical_bone_transforms", (J, 4, 4)),
+                     ("canonical_pose", (J, 3))):
+        if k in bm:
+            _num_array(bm[k], f"body_model.{k}", where, shape=shape)
+    if "betas" in bm:
+        _num_array(bm["betas"], "body_model.betas", where, ndim=1)
+
+
+def _check_fields(manifest: dict, mpath: Path) -> None:
+    """Types of every manifest entry the readers use (hand-edited manifests)."""
+    def need(cond: bool, field: str, want: str, got: Any) -> None:
+        if not cond:
+            raise FmgsInputError(f"manifest {field}: expected {want}, got {type(got).__name__} {_short(got)}", mpath)
+
+    files = manifest["files"]
+    need(isinstance(files, dict), "'files'", "an object {name: {sha256, bytes}}", files)
+    for name, meta in files.items():
+        need(isinstance(meta, dict), f"files[{name!r}]", "an object {sha256, bytes}", meta)
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+            raise FmgsInputError(f"manifest lists a file outside the bundle: {name!r}", mpath)
+        b, h = meta.get("bytes"), meta.get("sha256")
+        need(_is_int(b) and b >= 0, f"files[{name!r}].bytes", "a non-negative integer", b)
+        need(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h),
+             f"files[{name!r}].sha256", "64 lower-case hex digits", h)
+    chans = manifest["channels"]
+    need(isinstance(chans, dict), "'channels'", "an object", chans)
+    for name, c in chans.items():
+        need(isinstance(c, dict), f"channels[{name!r}]", "an object", c)
+        if name not in CHANNELS:
+            raise FmgsInputError(f"manifest channels: unknown channel {name!r} (known: {sorted(CHANNELS)})", mpath)
+        shp = c.get("shape")
+        need(isinstance(shp, list) and all(d == "S" or (_is_int(d) and d >= 0) for d in shp),
+             f"channels[{name!r}].shape", "a list of integers and \"S\"", shp)
+        if c.get("dtype", "float32") != "float32":
+            raise FmgsInputError(f"manifest channels[{name!r}].dtype: unknown value {c.get('dtype')!r} "
+                                 "(known: 'float32')", mpath)
+    models = manifest["models"]
+    need(isinstance(models, dict), "'models'", "an object", models)
+    for name, e in models.items():
+        where = f"models[{name!r}]"
+        need(isinstance(e, dict), where, "an object", e)
+        need(isinstance(e.get("file"), str), f"{where}.file", "a file name", e.get("file"))
+        need(e.get("fp16_file") is None or isinstance(e["fp16_file"], str), f"{where}.fp16_file",
+             "a file name or null", e.get("fp16_file"))
+        eng = e.get("engines")
+        need(eng is None or (isinstance(eng, dict) and all(isinstance(v, str) for v in eng.values())),
+             f"{where}.engines", "an object {precision: file name}", eng)
+        for key in ("inputs", "outputs"):
+            io_ = e.get(key, [])
+            need(isinstance(io_, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                               and isinstance(i.get("shape", []), list) for i in io_),
+                 f"{where}.{key}", "a list of {name, shape}", io_)
+        vd = e.get("view_dir_canonicalization")
+        if vd not in (None, "inverse", "transpose"):
+            raise FmgsInputError(f"manifest {where}.view_dir_canonicalization: unknown value {vd!r} "
+                                 "(known: 'inverse', 'transpose', null)", mpath)
+        need(isinstance(e.get("optional", False), bool), f"{where}.optional", "true or false", e.get("optional"))
+    pipe = manifest.get("pipeline", [])
+    need(isinstance(pipe, list) and all(isinstance(n, str) for n in pipe), "'pipeline'", "a list of model names",
+         pipe)
+    sem = manifest.get("semantic")
+    if sem is not None:
+        need(isinstance(sem, dict), "'semantic'", "an object or null", sem)
+        cls = sem.get("classes") or []
+        need(isinstance(cls, list) and all(isinstance(c, str) for c in cls), "semantic.classes",
+             "a list of class names", cls)
+        if sem.get("palette") is not None:
+            pal = _num_array(sem["palette"], "semantic.palette", mpath, ndim=2)
+            if pal.shape[1] != 3 or pal.min() < 0 or pal.max() > 255:
+                raise FmgsInputError(f"manifest semantic.palette: expected (C, 3) values in 0..255, got shape "
+                                     f"{pal.shape}", mpath)
+    for key in ("producer", "conventions"):
+        if key in manifest:
+            need(isinstance(manifest[key], dict), f"'{key}'", "an object", manifest[key])
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _shape_spec(name: str, arr: np.ndarray, num_joints: int) -> list:
@@ -216,12 +318,60 @@ def _matches(arr_shape: tuple, spec: list, S: int) -> bool:
     return all(a == (S if d == "S" else d) for a, d in zip(arr_shape, spec))
 
 
+# =========================================================================== replace rule
+def bundle_ownership(path: str | os.PathLike) -> str | None:
+    """Whether ``path`` is a bundle folder this project wrote, and may therefore be replaced.
+
+    Ours means: ``manifest.json`` parses with ``schema`` :data:`SCHEMA`, and every entry of
+    the folder is ``manifest.json`` or a plain file (no sub-folder, no symlink) listed in
+    its ``files``. A folder holding anything else -- a run, user files, other bundles --
+    is not ours, whatever its manifest says. Checksums are not verified: a damaged bundle
+    of ours may be replaced.
+
+    Returns:
+        None when it is ours, else the reason it is not (one phrase).
+    """
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file() or mpath.is_symlink():
+        return "it has no manifest.json of an fmgs bundle"
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its manifest.json is not valid JSON"
+    if not isinstance(man, dict) or man.get("schema") != SCHEMA or not isinstance(man.get("files"), dict):
+        return "its manifest.json is not an fmgs bundle manifest"
+    listed = set(man["files"]) | {MANIFEST_NAME}
+    try:
+        entries = list(os.scandir(path))
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror})"
+    for e in entries:
+        if e.name not in listed:
+            return f"it holds {e.name!r}, which its manifest does not list"
+        if not e.is_file(follow_symlinks=False):
+            return f"its entry {e.name!r} is not a plain file"
+    return None
+
+
+def check_bundle_replaceable(out_dir: str | os.PathLike, protect=()) -> None:
+    """Raise unless ``out_dir`` is missing or a bundle of ours that holds no ``protect`` path.
+
+    The replace rule of ``fmgs-export --overwrite`` and of every bundle writer
+    (:func:`fmgs.atomic.check_replaceable` with :func:`bundle_ownership`).
+
+    Raises:
+        FmgsInputError: names ``out_dir`` and why it may not be replaced.
+    """
+    check_replaceable(out_dir, bundle_ownership, protect=protect, what="bundle folder")
+
+
 # =========================================================================== writer
 def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], *, kind: str,
                  body_model: dict, models: Mapping[str, dict] | None = None,
                  files: Mapping[str, str | os.PathLike] | None = None, producer: dict | None = None,
                  pipeline: list[str] | None = None, semantic: dict | None = None,
-                 extra: dict | None = None, overwrite: bool = False) -> Path:
+                 extra: dict | None = None, overwrite: bool = False, protect=()) -> Path:
     """Write a bundle atomically (temporary sibling folder, manifest last, then rename).
 
     Args:
@@ -244,15 +394,20 @@ def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], 
             28-class list and palette of :mod:`fmgs.priors` when ``semantic_logits`` exists.
         extra: further top-level manifest keys (must not clash with the standard ones).
         overwrite: replace an existing ``out_dir`` (the old folder is removed only after the
-            new one is in place). False: an existing ``out_dir`` is an error.
+            new one is in place) -- only when it is a bundle of ours
+            (:func:`check_bundle_replaceable`). False: an existing ``out_dir`` is an error.
+        protect: paths the replace must never remove (e.g. the run folder being exported).
 
     Returns:
         ``Path(out_dir)``.
 
     Raises:
         FmgsInputError: unknown kind/channel/model, missing required channel, bad shapes,
-            non-finite values, a missing source file, or ``out_dir`` exists without
-            ``overwrite``.
+            non-finite values, a missing source file, ``out_dir`` exists without
+            ``overwrite``, or ``out_dir`` is not a bundle of ours / holds a ``protect`` path.
+
+    Stale staging folders of earlier interrupted writes of ``out_dir`` (``kill -9``) are
+    removed first (:func:`fmgs.atomic.clean_stale`).
     """
     from safetensors.numpy import save_file
 
@@ -261,9 +416,10 @@ def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], 
     out_dir = Path(out_dir)
     if kind not in KINDS:
         raise FmgsInputError(f"bundle kind must be one of {KINDS}, got {kind!r}")
-    if out_dir.exists() and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise FmgsInputError("bundle folder already exists (pass overwrite=True / --overwrite to replace it)",
                              out_dir)
+    check_bundle_replaceable(out_dir, protect)
     models = dict(models or {})
     files = {str(k): Path(v) for k, v in (files or {}).items()}
     if kind == "preview" and models:
@@ -309,7 +465,8 @@ def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], 
         semantic = {"classes": list(SAPIENS_CLASSES), "palette": np.asarray(SAPIENS_PALETTE).astype(int).tolist()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    clean_stale(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "tmp"), dir=out_dir.parent))
     try:
         save_file(arrays, str(tmp / SURFELS_NAME), metadata={"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)})
         for name, src in files.items():
@@ -347,15 +504,15 @@ def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], 
             os.fsync(f.fileno())
         # mkdtemp makes the folder 0700 (and safetensors writes 0600): give the bundle the
         # ordinary permissions of a new folder / file under the current umask
-        mask = os.umask(0)
-        os.umask(mask)
         for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)
+            os.chmod(p, default_mode())
+        os.chmod(tmp, default_mode(is_dir=True))
         _fsync_dir(tmp)
         old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
+        if os.path.lexists(out_dir):
+            # again right before the swap: the folder may have changed during a long export
+            check_bundle_replaceable(out_dir, protect)
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "old"), dir=out_dir.parent))
             os.rename(out_dir, old / "b")
         os.rename(tmp, out_dir)
         _fsync_dir(out_dir.parent)
@@ -420,28 +577,43 @@ def _load_manifest(path: Path) -> dict:
     if not mpath.is_file():
         raise FmgsInputError("manifest.json is missing: not a complete bundle (an interrupted export "
                              "leaves none; re-run fmgs-export)", mpath)
+    _check_inside(path, mpath)
+    if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
+        raise FmgsInputError(f"manifest is larger than {_MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest", mpath)
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FmgsInputError(f"manifest is not valid JSON ({exc})", mpath) from exc
+    except RecursionError:
+        raise FmgsInputError("manifest is not a bundle manifest (JSON nested too deeply)", mpath) from None
     if not isinstance(manifest, dict):
         raise FmgsInputError("manifest must be a JSON object", mpath)
     if manifest.get("schema") != SCHEMA:
         raise FmgsInputError(f"not an fmgs bundle manifest (schema {manifest.get('schema')!r}, "
                              f"expected {SCHEMA!r})", mpath)
     ver = manifest.get("schema_version")
-    if ver != SCHEMA_VERSION:
+    if not _is_int(ver) or ver != SCHEMA_VERSION:
         raise FmgsInputError(f"bundle schema version {ver!r} is not supported (this reader reads version "
                              f"{SCHEMA_VERSION}); re-export the avatar with this fmgs-export", mpath)
     for key in ("kind", "num_surfels", "body_model", "channels", "files", "models"):
         if key not in manifest:
             raise FmgsInputError(f"manifest lacks the {key!r} entry", mpath)
-    if manifest["kind"] not in KINDS:
-        raise FmgsInputError(f"unknown bundle kind {manifest['kind']!r} (known: {KINDS})", mpath)
-    if not isinstance(manifest["num_surfels"], int) or manifest["num_surfels"] <= 0:
-        raise FmgsInputError(f"num_surfels must be a positive integer, got {manifest['num_surfels']!r}", mpath)
+    if not isinstance(manifest["kind"], str) or manifest["kind"] not in KINDS:
+        raise FmgsInputError(f"manifest kind: unknown value {_short(manifest['kind'])} (known: {KINDS})", mpath)
+    if not _is_int(manifest["num_surfels"]) or manifest["num_surfels"] <= 0:
+        raise FmgsInputError(f"manifest num_surfels must be a positive integer, got "
+                             f"{_short(manifest['num_surfels'])}", mpath)
     _check_body_model(manifest["body_model"], mpath)
+    _check_fields(manifest, mpath)
     return manifest
+
+
+def _check_inside(bundle_dir: Path, p: Path) -> None:
+    """Refuse a symlink (or a symlinked file) that resolves outside the bundle folder."""
+    real, root = p.resolve(), bundle_dir.resolve()
+    if root not in real.parents:
+        raise FmgsInputError(f"is a symbolic link out of the bundle (to {real}); bundles must hold their "
+                             "own files", p)
 
 
 def _check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
@@ -451,12 +623,11 @@ def _check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
         raise FmgsInputError(f"manifest 'files' must list {SURFELS_NAME}", mpath)
     for name, meta in files.items():
         p = path / name
-        if Path(name).name != name:
-            raise FmgsInputError(f"manifest lists a file outside the bundle: {name!r}", mpath)
         if not p.is_file():
             raise FmgsInputError("listed in manifest.json but missing from the bundle", p)
+        _check_inside(path, p)
         size = p.stat().st_size
-        want = int(meta.get("bytes", -1))
+        want = meta["bytes"]
         if size != want:
             what = "truncated" if size < want else "larger than recorded"
             raise FmgsInputError(f"{what}: {size} bytes on disk, manifest.json records {want}", p)
@@ -500,6 +671,17 @@ def _load_surfels(path: Path, manifest: dict) -> dict[str, np.ndarray]:
     rs = arrays["skin_weights"].sum(1)
     if np.abs(rs - 1).max() > 1e-3:
         raise FmgsInputError(f"skin_weights rows do not sum to 1 (max error {np.abs(rs - 1).max():.2e})", spath)
+    R = arrays["rotations"].astype(np.float64)
+    ortho = np.abs(np.einsum("sji,sjk->sik", R, R) - np.eye(3)).max(initial=0.0)
+    det = np.abs(np.linalg.det(R) - 1.0).max(initial=0.0) if R.size else 0.0
+    if ortho > _ROT_TOL or det > _ROT_TOL:
+        raise FmgsInputError(f"tensor 'rotations' is not a stack of rotation matrices (max |R^T R - I| "
+                             f"{ortho:.2e}, max |det R - 1| {det:.2e}, tolerance {_ROT_TOL:g})", spath)
+    sc = arrays["scales"]
+    if sc.size and sc.min() <= 0:
+        bad = int((sc <= 0).any(1).sum())
+        raise FmgsInputError(f"tensor 'scales' has {bad} surfels with a zero or negative scale "
+                             f"(min {sc.min():.3g}); scales are standard deviations in metres", spath)
     return arrays
 
 
@@ -508,11 +690,15 @@ def read_bundle(path: str | os.PathLike, verify_checksums: bool = True) -> Bundl
 
     Checks, in order: the folder and ``manifest.json`` exist and parse; ``schema`` is
     :data:`SCHEMA` and ``schema_version`` is :data:`SCHEMA_VERSION`; kind, surfel count and
-    body model are well-formed; every file in ``manifest["files"]`` exists with the recorded
-    size and (``verify_checksums``) sha256; ``surfels.safetensors`` parses, has the kind's
+    body model are well-formed; every manifest entry the readers use has its type (file
+    sizes are integers, ``files`` entries objects, enum values known: ``kind``, channel
+    ``dtype``, ``view_dir_canonicalization``); every file in ``manifest["files"]`` exists
+    inside the folder (a symlink that leaves the bundle is refused) with the recorded size
+    and (``verify_checksums``) sha256; ``surfels.safetensors`` parses, has the kind's
     required tensors, each float32, finite, with the manifest's shape; opacities lie in
-    [0, 1] and skinning rows sum to 1; every model/engine file a model entry names is a
-    listed file.
+    [0, 1], skinning rows sum to 1, rotations are rotation matrices (``|R^T R - I|`` and
+    ``|det R - 1|`` within 1e-3) and scales are positive; every model/engine file a model
+    entry names is a listed file.
 
     Args:
         path: bundle folder.

@@ -23,7 +23,10 @@ installed and (b) execute any callable a malicious file names (``os.system``,
   state key ``'x'``); :func:`to_numpy_tree` turns stubs into numpy arrays.
 
 Anything else raises :class:`fmgs.errors.FmgsInputError` naming the file and
-the forbidden global, before the global is imported or called.
+the forbidden global, before the global is imported or called. Allowed callables
+that could be asked for huge zero-filled memory (``bytes(n)``, ``bytearray(n)``,
+``numpy.ndarray(shape)``, ``_reconstruct`` shapes) are bounded by
+:data:`MAX_DECLARED_BYTES`; so is densifying a declared sparse shape.
 """
 from __future__ import annotations
 
@@ -147,8 +150,65 @@ def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return copyreg._reconstructor(cls, base, state)
 
 
+#: Largest array / buffer a pickle may *declare* without storing its bytes (``bytes(n)``,
+#: ``numpy.ndarray(shape)``, ``_reconstruct`` shapes), and largest sparse matrix
+#: :func:`to_numpy_tree` densifies. Real arrays carry their bytes in the file, so a declared
+#: size beyond this is a crafted file that would exhaust memory.
+MAX_DECLARED_BYTES = 1 << 30
+#: Deepest container nesting :func:`to_numpy_tree` walks (SMPL / HumanNeRF pickles: < 5).
+MAX_DEPTH = 100
+
+
+def _declared_bytes(shape: Any, itemsize: int = 1) -> int:
+    """Bytes an array of ``shape`` would need; raises _Forbidden for a malformed shape."""
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise _Forbidden(f"array shape {shape!r} is not a tuple of non-negative integers")
+    total = max(int(itemsize), 1)
+    for d in dims:
+        total *= d
+    return total
+
+
+def _sized(kind: str, nbytes: int) -> None:
+    if nbytes > MAX_DECLARED_BYTES:
+        raise _Forbidden(f"{kind} declares {nbytes:,} bytes without storing them "
+                         f"(limit {MAX_DECLARED_BYTES:,}): a crafted file")
+
+
+def _safe_bytes_factory(cls: type) -> Callable[..., Any]:
+    """``bytes`` / ``bytearray`` refusing ``cls(n)`` for a huge ``n`` (zero-filled, no data)."""
+    def make(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            _sized(cls.__name__, args[0])
+        return cls(*args)
+    make.__name__ = cls.__name__
+    return make
+
+
+def _safe_ndarray(shape: Any = (), dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+    """``numpy.ndarray(shape, ...)`` called by a pickle: refuses huge declared shapes."""
+    _sized("numpy.ndarray", _declared_bytes(shape, np.dtype(dtype).itemsize))
+    return np.ndarray(shape, dtype, *args, **kwargs)
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """``numpy ... _reconstruct`` (how ndarrays pickle) with a bounded initial shape."""
+    if subtype is _safe_ndarray:
+        subtype = np.ndarray
+    if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
+        raise _Forbidden(f"_reconstruct of {subtype!r} is not allowed")
+    _sized("numpy array", _declared_bytes(shape, 1))
+    return _numpy_multiarray()._reconstruct(subtype, shape, dtype)
+
+
+_SAFE_BUILTINS = {"bytes": _safe_bytes_factory(bytes), "bytearray": _safe_bytes_factory(bytearray)}
+
+
 def _resolve(module: str, name: str) -> Callable[..., Any] | type | None:
     """The object an allowed ``(module, name)`` global stands for, or None if forbidden."""
+    if module == "builtins" and name in _SAFE_BUILTINS:
+        return _SAFE_BUILTINS[name]
     if module == "builtins" and name in _BUILTINS_ALLOWED:
         return getattr(__import__("builtins"), name)
     if module == "collections" and name == "OrderedDict":
@@ -157,10 +217,14 @@ def _resolve(module: str, name: str) -> Callable[..., Any] | type | None:
         return _safe_reconstructor
     if module == "_codecs" and name == "encode":
         return _latin1_encode
-    if module == "numpy" and name in ("ndarray", "dtype"):
-        return getattr(np, name)
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        return getattr(_numpy_multiarray(), name)
+    if module == "numpy" and name == "ndarray":
+        return _safe_ndarray
+    if module == "numpy" and name == "dtype":
+        return np.dtype
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+        return _safe_reconstruct
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+        return _numpy_multiarray().scalar
     if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
         return getattr(_numpy_numeric(), name)
     if module in _SPARSE_MODULES and name in _SPARSE_NAMES:
@@ -238,8 +302,7 @@ def load_pickle(path: str | os.PathLike) -> object:
         raise FmgsInputError(f"refusing to load pickle: {exc}", spath) from exc
     except RecursionError as exc:
         raise FmgsInputError("corrupt pickle: nesting too deep", spath) from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - only allow-listed constructors ran: any error is a corrupt file
         raise FmgsInputError(f"corrupt or truncated pickle ({type(exc).__name__}: {exc})", spath) from exc
 
 
@@ -282,6 +345,9 @@ def _rebuild_sparse(mat: Any) -> Any:
 
     d = mat.__dict__
     shape = d.get("_shape", d.get("shape"))
+    if not (isinstance(shape, tuple) and len(shape) == 2
+            and all(isinstance(v, (int, np.integer)) and 0 <= v < 2**31 for v in shape)):
+        raise ValueError(f"sparse matrix shape {shape!r} is not two non-negative 32-bit integers")
     fmt = type(mat).__name__
     if fmt == "coo_matrix":
         if "coords" in d:  # scipy >= 1.13 stores a (row, col) tuple
@@ -313,25 +379,46 @@ def to_numpy_tree(obj: Any, densify_sparse: bool = False, path: str | os.PathLik
         The converted tree (new containers; arrays are not copied).
 
     Raises:
-        FmgsInputError: a chumpy object carries no recognisable array value, or
-            a sparse matrix is missing its arrays (the message names ``path``).
+        FmgsInputError: a chumpy object carries no recognisable array value, a
+            sparse matrix is missing its arrays or declares a shape whose dense form
+            exceeds :data:`MAX_DECLARED_BYTES`, or containers nest deeper than
+            :data:`MAX_DEPTH` (or hold themselves) (the message names ``path``).
     """
+    spath = None if path is None else os.fspath(path)
+    return _tree(obj, densify_sparse, spath, 0)
+
+
+def _tree(obj: Any, densify_sparse: bool, spath: str | None, depth: int) -> Any:
     import scipy.sparse as sp
 
-    spath = None if path is None else os.fspath(path)
+    if depth > MAX_DEPTH:
+        raise FmgsInputError(f"corrupt pickle: containers nested deeper than {MAX_DEPTH} levels "
+                             "(or a container that holds itself)", spath)
     if isinstance(obj, ChumpyStub):
-        return _chumpy_value(obj, spath)
+        try:
+            return _chumpy_value(obj, spath)
+        except RecursionError:
+            raise FmgsInputError("corrupt pickle: chumpy objects nested too deeply", spath) from None
+        except (ValueError, TypeError) as exc:  # np.asarray of a ragged / odd value
+            raise FmgsInputError(f"corrupt chumpy value in pickle ({type(exc).__name__}: {exc})", spath) from exc
     if sp.issparse(obj):
         try:
             mat = _rebuild_sparse(obj)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise FmgsInputError(f"corrupt sparse matrix in pickle ({type(exc).__name__}: {exc})", spath) from exc
-        return mat.toarray() if densify_sparse else mat
+        if densify_sparse:
+            nbytes = int(mat.shape[0]) * int(mat.shape[1]) * mat.dtype.itemsize
+            if nbytes > MAX_DECLARED_BYTES:
+                raise FmgsInputError(f"sparse matrix of shape {mat.shape} would need {nbytes:,} bytes dense "
+                                     f"(limit {MAX_DECLARED_BYTES:,}): not a body-model matrix", spath)
+            return mat.toarray()
+        return mat
+    d = depth + 1
     if isinstance(obj, dict):
-        items = ((k, to_numpy_tree(v, densify_sparse, spath)) for k, v in obj.items())
+        items = ((k, _tree(v, densify_sparse, spath, d)) for k, v in obj.items())
         return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
     if isinstance(obj, list):
-        return [to_numpy_tree(v, densify_sparse, spath) for v in obj]
+        return [_tree(v, densify_sparse, spath, d) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(to_numpy_tree(v, densify_sparse, spath) for v in obj)
+        return tuple(_tree(v, densify_sparse, spath, d) for v in obj)
     return obj

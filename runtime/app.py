@@ -402,6 +402,10 @@ class _Sink:
         if self._ctx is None:
             return
         self._writer.close()
+        if ok and self.count == 0:  # an empty video is no result: publish nothing
+            self._ctx.__exit__(RuntimeError, RuntimeError("no frames"), None)
+            self._ctx = None
+            raise FmgsInputError("no frames were rendered; no video written", self.out)
         if ok:
             self._ctx.__exit__(None, None, None)
             _publish(self.out)
@@ -425,13 +429,18 @@ def run_headless(player_args: dict, out, frames: int | None = None, ctx=None, lo
     Returns:
         :func:`summarize` dict plus ``out`` and ``providers`` (the pipeline's description).
     Raises:
-        FmgsInputError: bad output path; RuntimeError: no OpenGL 4.3 context (GL renderer).
+        FmgsInputError: bad output path, ``frames < 1`` or nothing rendered (no file is
+            left at ``out``); RuntimeError: no OpenGL 4.3 context (GL renderer).
     """
+    if frames is not None and int(frames) < 1:
+        raise FmgsInputError(f"--frames must be at least 1, got {frames}")
     if ctx is None and choose_renderer(player_args.get("renderer", "auto"), None) == "gl":
         ctx = create_headless_context()
     player = Player(ctx=ctx, **player_args)
     m = player.motion
-    n = int(frames) if frames else m.num_frames
+    n = int(frames) if frames is not None else m.num_frames
+    if n < 1:
+        raise FmgsInputError("the motion has no frames to render", getattr(m, "path", None))
     sink = _Sink(out, m.fps)
     ok = False
     t_start = time.perf_counter()

@@ -77,6 +77,82 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Render sizes accepted by ``--size`` (pixels per side).
+SIZE_RANGE = (16, 8192)
+#: Display / resampling rates accepted by ``--fps`` and ``--source-fps`` (frames per second);
+#: the motion is resampled to ``--fps``, so an absurd rate would allocate absurd arrays.
+FPS_RANGE = (0.1, 1000.0)
+#: How to get the optional back-ends.
+INSTALL_HINTS = {"cupy": "pip install cupy-cuda12x (needs an NVIDIA GPU and driver)",
+                 "tensorrt": "pip install tensorrt cupy-cuda12x (needs an NVIDIA GPU), and export the bundle "
+                             "with TensorRT engines (fmgs-export --trt on)"}
+
+
+def validate_args(args) -> tuple[int, int]:
+    """Check every ``fmgs-play`` option before any work starts; return ``(width, height)``.
+
+    Rules: ``--size`` one or two integers in :data:`SIZE_RANGE`; a video ``--out`` (H.264
+    needs even sizes) rejects odd sizes with the nearest even ones suggested (PNG frames
+    and the window take any size); ``--frames`` >= 1; ``--fps`` / ``--source-fps`` finite
+    in :data:`FPS_RANGE`; ``--speed``, ``--background`` (in [0, 1]) and
+    ``--cull-backfaces`` (in [-1, 1]) finite; thread counts >= 1; ``--arrays cupy`` and
+    ``--inference tensorrt`` only when that back-end works here ("not installed: how to get
+    it" otherwise).
+
+    Raises:
+        FmgsInputError: one line naming the option and what is wrong (exit status 2).
+    """
+    import math
+
+    if len(args.size) not in (1, 2):
+        raise FmgsInputError(f"--size takes one or two values (WIDTH [HEIGHT]), got {len(args.size)}")
+    width, height = (int(args.size[0]),) * 2 if len(args.size) == 1 else (int(v) for v in args.size)
+    lo, hi = SIZE_RANGE
+    if not (lo <= width <= hi and lo <= height <= hi):
+        raise FmgsInputError(f"--size must be {lo}..{hi} pixels per side, got {width}x{height}")
+    video = args.out is None or not _is_frames_out(args.out)
+    if video and str(args.out or ".mp4").lower().endswith((".mp4", ".mkv", ".mov", ".avi", ".webm")) \
+            and (width % 2 or height % 2):
+        ev = lambda v: v + (v % 2)  # noqa: E731
+        raise FmgsInputError(f"--size {width}x{height}: H.264 video needs even width and height; use "
+                             f"--size {ev(width)} {ev(height)}, or write PNG frames (--out frames/)")
+    if args.frames is not None and args.frames < 1:
+        raise FmgsInputError(f"--frames must be at least 1, got {args.frames}")
+    for opt, v in (("--fps", args.fps), ("--source-fps", args.source_fps)):
+        if v is not None and not (math.isfinite(v) and FPS_RANGE[0] <= v <= FPS_RANGE[1]):
+            raise FmgsInputError(f"{opt} must be a rate in {FPS_RANGE[0]:g}..{FPS_RANGE[1]:g} frames per second, "
+                                 f"got {v:g}")
+    if not math.isfinite(args.speed):
+        raise FmgsInputError(f"--speed must be a finite number, got {args.speed}")
+    if not all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in args.background):
+        raise FmgsInputError(f"--background takes R G B in [0, 1], got {list(args.background)}")
+    if args.cull_backfaces is not None and not (-1.0 <= args.cull_backfaces <= 1.0):
+        raise FmgsInputError(f"--cull-backfaces is a cosine in [-1, 1], got {args.cull_backfaces}")
+    for opt, v in (("--threads", args.threads), ("--render-threads", args.render_threads)):
+        if v is not None and v < 1:
+            raise FmgsInputError(f"{opt} must be at least 1, got {v}")
+    if args.arrays == "cupy":
+        from fmgs.runtime.xp import cupy_status
+
+        ok, why = cupy_status()
+        if not ok:
+            raise FmgsInputError(f"--arrays cupy: not available ({why}); install: {INSTALL_HINTS['cupy']}")
+    if args.inference == "tensorrt":
+        from fmgs.runtime.inference import tensorrt_status
+
+        ok, why = tensorrt_status()
+        if not ok:
+            raise FmgsInputError(f"--inference tensorrt: not available ({why}); install: "
+                                 f"{INSTALL_HINTS['tensorrt']}")
+    return width, height
+
+
+def _is_frames_out(out: str) -> bool:
+    from fmgs.runtime.app import is_frames_dir
+
+    return is_frames_dir(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fmgs-play``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -94,14 +170,7 @@ def _run(args) -> int:
     from fmgs.runtime.app import NO_DISPLAY, run_headless, run_window
     from fmgs.runtime.pipeline import AvatarPipeline
 
-    if len(args.size) == 1:
-        width = height = int(args.size[0])
-    elif len(args.size) == 2:
-        width, height = (int(v) for v in args.size)
-    else:
-        raise FmgsInputError(f"--size takes one or two values, got {args.size}")
-    if width <= 0 or height <= 0 or width > 8192 or height > 8192:
-        raise FmgsInputError(f"--size must be in 1..8192, got {width}x{height}")
+    width, height = validate_args(args)
     if not Path(args.bundle).exists():
         raise FmgsInputError("bundle folder not found", args.bundle)
     pipeline = AvatarPipeline(args.bundle, array_backend=args.arrays, inference_backend=args.inference,

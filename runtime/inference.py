@@ -21,7 +21,7 @@ import numpy as np
 
 from fmgs.errors import FmgsInputError
 
-__all__ = ["ort_providers", "OrtModel", "TensorRTModel", "tensorrt_status", "load_model"]
+__all__ = ["ort_providers", "OrtModel", "TensorRTModel", "tensorrt_status", "load_model", "check_model_io"]
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -89,6 +89,11 @@ class OrtModel:
         self.providers = list(self.session.get_providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # declared shapes: ints for fixed axes, None for dynamic ones ("S")
+        self.input_shapes = {i.name: [d if isinstance(d, int) else None for d in i.shape]
+                             for i in self.session.get_inputs()}
+        self.output_shapes = {o.name: [d if isinstance(d, int) else None for d in o.shape]
+                              for o in self.session.get_outputs()}
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         """Run the model.
@@ -210,8 +215,8 @@ def load_model(onnx_path, engines: dict | None = None, backend: str = "auto", pr
     Returns:
         :class:`TensorRTModel` or :class:`OrtModel`.
     Raises:
-        RuntimeError: ``backend="tensorrt"`` without a usable engine.
-        FmgsInputError: unreadable model file.
+        FmgsInputError: unreadable model file; ``backend="tensorrt"`` without a usable
+            engine (the message says why).
     """
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         raise ValueError(f"inference back-end must be 'auto', 'onnxruntime' or 'tensorrt', got {backend!r}")
@@ -222,7 +227,56 @@ def load_model(onnx_path, engines: dict | None = None, backend: str = "auto", pr
         if ok:
             return TensorRTModel(plan, name=name)
         if backend == "tensorrt":
-            raise RuntimeError(f"TensorRT engine {plan} present but cannot run: {why}")
+            raise FmgsInputError(f"--inference tensorrt: the engine cannot run here ({why})", plan)
     elif backend == "tensorrt":
-        raise RuntimeError(f"no TensorRT engine for {name or onnx_path}")
+        raise FmgsInputError(f"--inference tensorrt: the bundle has no TensorRT engine for model "
+                             f"{name or Path(onnx_path).stem!r} (re-export with fmgs-export --trt on)", onnx_path)
     return OrtModel(onnx_path, prefer=prefer, threads=threads, name=name)
+
+
+def _shape_ok(declared, actual) -> bool:
+    """A model's declared shape (ints, None = dynamic) admits an actual shape (None: unknown)."""
+    if declared is None or actual is None:
+        return True
+    return len(declared) == len(actual) and all(d is None or d == a for d, a in zip(declared, actual))
+
+
+def check_model_io(model, entry: dict | None, feeds: dict, outputs: tuple, path=None) -> None:
+    """Check at load that a model takes what the runtime will feed it and gives what it reads.
+
+    A model file swapped for another (or re-exported with other widths) would otherwise fail
+    at the first frame with an ONNX Runtime error, or silently compute with mismatched
+    inputs. Checks: every model input is one the runtime provides (``feeds``) with a
+    compatible shape (fixed axes equal, dynamic axes free); the model's inputs and outputs
+    are the ones the manifest entry lists (when it lists any); every name of ``outputs`` is
+    produced (a tuple entry is a group of aliases, one of which must exist).
+
+    Args:
+        model: :class:`OrtModel` or :class:`TensorRTModel` (shapes are checked for ONNX
+            Runtime models, which declare them).
+        entry: the manifest's ``models[name]`` entry, or None.
+        feeds: ``{input name: actual shape tuple, or None when unknown}`` the runtime can feed.
+        outputs: required output names; an item may be a tuple of aliases.
+        path: the model file, for messages (default ``model.path``).
+
+    Raises:
+        FmgsInputError: a mismatch; the message names the model file and the tensor.
+    """
+    path = path or getattr(model, "path", None)
+    shapes = getattr(model, "input_shapes", {})
+    for n in model.input_names:
+        if n not in feeds:
+            raise FmgsInputError(f"model input {n!r} is not one the runtime provides ({sorted(feeds)}): "
+                                 "a model from another export or another kind of bundle?", path)
+        if not _shape_ok(shapes.get(n), feeds[n] if feeds[n] is None else tuple(feeds[n])):
+            raise FmgsInputError(f"model input {n!r} has shape {shapes[n]} (None = dynamic) but the bundle "
+                                 f"provides {list(feeds[n])}", path)
+    if entry:
+        for key, have in (("inputs", model.input_names), ("outputs", model.output_names)):
+            listed = [i.get("name") for i in entry.get(key) or [] if isinstance(i, dict)]
+            if listed and sorted(listed) != sorted(have):
+                raise FmgsInputError(f"model {key} {sorted(have)} differ from the manifest's {sorted(listed)}", path)
+    for want in outputs:
+        names = want if isinstance(want, tuple) else (want,)
+        if not any(n in model.output_names for n in names):
+            raise FmgsInputError(f"model has no output {' / '.join(names)!r} (outputs: {model.output_names})", path)

@@ -38,7 +38,7 @@ import numpy as np
 from fmgs.body_model import bone_transforms  # noqa: F401  (re-exported: the per-frame posing)
 from fmgs.errors import FmgsInputError
 from fmgs.runtime.gl_renderer import ALPHA_MIN, NUM_ROWS, ROWS
-from fmgs.runtime.inference import load_model
+from fmgs.runtime.inference import check_model_io, load_model
 from fmgs.runtime.xp import get_array_module, to_numpy
 
 __all__ = ["STAGES", "FrameTimings", "AvatarPipeline", "bone_transforms", "blend_lbs_planar",
@@ -308,6 +308,7 @@ class AvatarPipeline:
             self.models[name] = load_model(bundle.models[name], engines=bundle.engines.get(name),
                                            backend=inference_backend, prefer=providers, threads=threads,
                                            name=name)
+        self._check_models(man.get("models", {}))
         col_entry = man.get("models", {}).get("color", {})
         self.view_mode = col_entry.get("view_dir_canonicalization") or "inverse"
         self.view_dependent = bool(view_dependent) and "color" in self.models and \
@@ -328,6 +329,26 @@ class AvatarPipeline:
         self._view_rows = xp.empty((S, 3), f32)       # row-major view dirs (colour model input)
         self._table = xp.zeros((NUM_ROWS, S), f32)
         self.last_pose_code = None
+
+    def _check_models(self, entries: dict) -> None:
+        """Reject, at load, models whose inputs/outputs do not fit what :meth:`frame` feeds
+        and reads (:func:`fmgs.runtime.inference.check_model_io`)."""
+        S = self.S
+        feeds = {k: tuple(v.shape) for k, v in self._const.items()}
+        feeds.update(rot_mats=(24, 3, 3), view_dirs=(S, 3))
+        need = {"pose_encoder": ("pose_code",), "color": ("colors",),
+                "geometry": ("z_g", *_OUT_ALIASES.values())}
+        for name in ("pose_encoder", "geometry", "color"):   # the order frame() runs them in
+            m = self.models.get(name)
+            if m is None:
+                continue
+            check_model_io(m, entries.get(name), feeds, need[name])
+            for out in ("pose_code", "z_g"):
+                shp = getattr(m, "output_shapes", {}).get(out)
+                if shp is not None:
+                    feeds[out] = tuple(S if d is None else d for d in shp)
+                elif out in m.output_names:   # a TensorRT engine: name known, shape not
+                    feeds.setdefault(out, None)
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:

@@ -524,3 +524,18 @@ def test_rotation_to_quaternion_rebuilds_the_matrix_as_3dgs_does():
                       2 * (x * y + r * z), 1 - 2 * (x * x + z * z), 2 * (y * z - r * x),
                       2 * (x * z - r * y), 2 * (y * z + r * x), 1 - 2 * (x * x + y * y)], 1).reshape(-1, 3, 3)
     np.testing.assert_allclose(built, Rs, atol=1e-12)
+
+
+def test_overwrite_replaces_our_bundle_only(foundation_export, tmp_path):
+    """--overwrite onto a bundle of ours works; onto the (real) run folder it is refused, run intact."""
+    from fmgs.bundle import read_bundle
+
+    run, bdir, _ = foundation_export
+    shutil.copytree(bdir, tmp_path / "b")
+    rc, _, err = _cli([str(run), "--out", str(tmp_path / "b"), "--no-check", "--trt", "off", "--overwrite"])
+    assert rc == 0, err
+    assert read_bundle(tmp_path / "b").kind == "foundation" and sorted(os.listdir(tmp_path)) == ["b"]
+    before = sorted(p.name for p in run.rglob("*"))
+    rc, _, err = _cli([str(run), "--out", str(run), "--no-check", "--trt", "off", "--overwrite"])
+    assert rc == 2 and "refusing to replace: this folder is" in err
+    assert sorted(p.name for p in run.rglob("*")) == before

@@ -247,3 +247,52 @@ def test_real_zju_pickles_match_plain_pickle(zju377, name):
     with open(zju377 / name, "rb") as fh:
         ref = pickle.load(fh)  # trusted shared file
     _assert_same(ours, ref)
+
+
+# =========================================================================== crafted resource bombs
+def _crafted(tmp_path, name: str, data: bytes):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _smpl_like(**extra) -> dict:
+    base = {k: np.zeros((2, 3)) for k in ("v_template", "f", "weights", "kintree_table", "shapedirs", "posedirs")}
+    return dict(base, **extra)
+
+
+@pytest.mark.parametrize("name,data,msg", [
+    ("deep.pkl", b"(" * 50000 + b"l" * 50000 + b".", "nested deeper than 100 levels"),
+    ("bytearray.pkl", b"\x80\x02c__builtin__\nbytearray\n\x8a\x05\x00\x00\x00\x00\x10\x85R.",
+     "bytearray declares 68,719,476,736 bytes"),
+    ("ndarray.pkl", b"\x80\x02cnumpy\nndarray\n\x8a\x05\x00\x00\x00\x00\x10\x85\x85R.",
+     "numpy.ndarray declares 549,755,813,888 bytes"),
+    ("reconstruct.pkl", b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n\x8a\x05\x00\x00\x00\x00"
+                        b"\x10\x85C\x01b\x87R.", "numpy array declares"),
+])
+def test_crafted_pickles_give_input_errors(tmp_path, name, data, msg):
+    """Deep nesting and declared-but-absent huge buffers: FmgsInputError, not RecursionError /
+    MemoryError (or an out-of-memory kill)."""
+    p = _crafted(tmp_path, name, data)
+    with pytest.raises(FmgsInputError, match=msg) as ei:
+        to_numpy_tree(load_pickle(p), densify_sparse=True, path=p)
+    assert ei.value.path == str(p)
+
+
+def test_self_referencing_and_huge_sparse_smpl_files(tmp_path):
+    import scipy.sparse as sp
+
+    from fmgs.body_model import load_smpl
+
+    a: list = []
+    a.append(a)
+    p = _crafted(tmp_path, "selfref.pkl", pickle.dumps(_smpl_like(J_regressor=a), protocol=2))
+    with pytest.raises(FmgsInputError, match="holds itself"):
+        load_smpl(p)
+    empty = (np.zeros(0), (np.zeros(0, int), np.zeros(0, int)))
+    p = _crafted(tmp_path, "sparse.pkl", pickle.dumps(_smpl_like(J_regressor=sp.coo_matrix(empty, shape=(10**6, 10**6))),
+                                                      protocol=2))
+    with pytest.raises(FmgsInputError, match=r"shape \(1000000, 1000000\) would need 8,000,000,000,000 bytes"):
+        load_smpl(p)
+    # the same matrix kept sparse is harmless and loads
+    assert to_numpy_tree(load_pickle(p), path=p)["J_regressor"].shape == (10**6, 10**6)

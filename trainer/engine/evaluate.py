@@ -82,14 +82,15 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         The metrics dictionary written to ``metrics.json``.
 
     Raises:
-        FmgsInputError: missing run files or data (names the file), ``max_frames < 1``.
-            Nothing in ``out_dir`` is replaced before every frame has been scored.
+        FmgsInputError: missing run files or data (names the file), ``max_frames < 1`` or
+            an empty test split. ``metrics.json`` is replaced (atomically) only once every
+            frame is scored, so a failed evaluation never clobbers an earlier result.
     """
     import imageio.v3 as iio
     import skimage
 
-    if max_frames is not None and int(max_frames) < 1:
-        raise FmgsInputError(f"--max-frames must be >= 1, got {max_frames}")
+    if max_frames is not None and (isinstance(max_frames, bool) or int(max_frames) < 1):
+        raise FmgsInputError(f"--max-frames must be a positive number of frames, got {max_frames!r}")
     run = load_run(run_dir, overrides, split="test")
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
     out_dir = Path(out_dir) if out_dir else run_dir / "eval"
@@ -128,6 +129,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         modes.append(row)
         images.append((fr.name, side, row))
         t0 = time.perf_counter()
+
+    if not per_frame:  # nothing new to report: keep the previous metrics.json as it is
+        raise FmgsInputError("the test split has no frames to evaluate (metrics.json left unchanged)", run_dir)
 
     def mean(key):
         vals = [r[key] for r in per_frame if r[key] is not None]
