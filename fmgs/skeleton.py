@@ -907,23 +907,38 @@ def smpl_fk_positions(poses: np.ndarray, trans: np.ndarray, rest_joints: np.ndar
     return P + np.asarray(trans, np.float64)[:, None, :]
 
 
-def bone_direction_errors(smpl_pos: np.ndarray, src_pos: np.ndarray, joint_map_idx: dict[int, int]) -> dict[str, np.ndarray]:
+def bone_direction_errors(smpl_pos: np.ndarray, src_pos: np.ndarray, joint_map_idx: dict[int, int],
+                          src_rest: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Angle (deg) between each SMPL bone's world direction and the source's bone between the
     mapped joints, per limb of :data:`LIMBS`.
+
+    A source bone of zero rest length (e.g. CMU's ``Hips -> LowerBack``) has no direction;
+    the bone is then extended to the next mapped SMPL joint down the chain on both sides
+    (pelvis -> spine2 instead of pelvis -> spine1).
 
     Args:
         smpl_pos: (T, 24, 3) SMPL joint positions (SMPL axes).
         src_pos: (T, J, 3) source joint positions, already in SMPL axes.
         joint_map_idx: {smpl joint index: source joint index}.
+        src_rest: (J, 3) source rest positions (for the zero-length test; default frame 0).
 
     Returns:
         {limb: (T, n_bones) float64 degrees} for the bones whose both ends are mapped.
     """
+    rest = src_pos[0] if src_rest is None else src_rest
+    tol = 1e-6 * max(1.0, float(np.abs(rest).max()))
     out = {}
     for limb, bones in LIMBS.items():
         cols = []
         for a, b in bones:
+            while b in joint_map_idx and np.linalg.norm(rest[joint_map_idx[b]] - rest[joint_map_idx[a]]) <= tol:
+                kids = [c for c in range(24) if SMPL_PARENTS[c] == b]
+                if len(kids) != 1:
+                    break
+                b = kids[0]
             if a not in joint_map_idx or b not in joint_map_idx:
+                continue
+            if np.linalg.norm(rest[joint_map_idx[b]] - rest[joint_map_idx[a]]) <= tol:
                 continue
             u = _unit(smpl_pos[:, b] - smpl_pos[:, a])
             v = _unit(src_pos[:, joint_map_idx[b]] - src_pos[:, joint_map_idx[a]])
@@ -982,8 +997,8 @@ def write_smpl_bvh(path: str | os.PathLike, poses: np.ndarray, trans: np.ndarray
         if not children[k]:
             e = (J[k] - J[SMPL_PARENTS[k]])
             e = 0.1 * scale * e / max(np.linalg.norm(e), 1e-9)
-            lines += [f"{ind}  End Site", f"{ind}  {{", f"{ind}    OFFSET {e[0]:.9g} {e[1]:.9g} {e[2]:.9g}",
-                      f"{ind}  }}"]
+            lines.extend([f"{ind}  End Site", f"{ind}  {{", f"{ind}    OFFSET {e[0]:.9g} {e[1]:.9g} {e[2]:.9g}",
+                          f"{ind}  }}"])
         lines.append(f"{ind}}}")
 
     emit(0, 0)
