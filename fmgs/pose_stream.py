@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import socket
 import struct
@@ -326,9 +325,9 @@ VMC_BONES: dict[str, int] = {
 
 
 def _unity_quat_to_rh(q_xyzw: np.ndarray) -> np.ndarray:
-    """Unity (left-handed, x right, y up, z forward) rotation quaternion -> the same rotation
-    in the right-handed frame obtained by mirroring x (x left of the avatar... i.e. SMPL's
-    +x = the avatar's left): ``(x, y, z, w) -> (x, -y, -z, w)``."""
+    """A Unity rotation quaternion (left-handed frame: x right, y up, z forward) expressed in
+    the frame with x mirrored (x = the avatar's left, SMPL's body axes): conjugating by the
+    reflection ``diag(-1, 1, 1)`` gives ``(x, y, z, w) -> (x, -y, -z, w)``."""
     q = np.asarray(q_xyzw, np.float64)
     return np.array([q[0], -q[1], -q[2], q[3]])
 

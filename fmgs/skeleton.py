@@ -268,7 +268,11 @@ def read_bvh(path: str | os.PathLike) -> SkeletonMotion:
     """
     spath = os.fspath(path)
     _bvh_precheck(spath)
-    import bvhio
+    import warnings
+
+    with warnings.catch_warnings():  # PyGLM (under bvhio) warns about its own import path
+        warnings.simplefilter("ignore")
+        import bvhio
 
     try:
         bvh = bvhio.readAsBvh(spath)

@@ -67,7 +67,7 @@ class LiveMotion:
 
 def run_live_headless(player_args: dict, state, out, fps: float = 30.0, duration: float | None = None,
                       frames: int | None = None, idle_exit: float | None = 5.0, first_wait: float = 30.0,
-                      log=print) -> dict:
+                      log=print, on_ready=None) -> dict:
     """Render a live stream headless into ``out`` (mp4 or frames folder).
 
     Args:
@@ -81,6 +81,8 @@ def run_live_headless(player_args: dict, state, out, fps: float = 30.0, duration
         idle_exit: stop when no new pose came for this many seconds (None: never).
         first_wait: give up when no pose came within this many seconds.
         log: printer.
+        on_ready: optional callable run once the renderer is warm, before the first pose is
+            awaited (e.g. to start a test sender).
 
     Returns:
         {"frames", "latency_ms": {"p50","p95","mean","max"}, "counts", "fps", "wall", "out"}.
@@ -98,6 +100,8 @@ def run_live_headless(player_args: dict, state, out, fps: float = 30.0, duration
     player = Player(ctx=ctx, **args)
     player.render(0)
     player.stats.clear()
+    if on_ready is not None:
+        on_ready()
     t_start = time.perf_counter()
     gen, pkt = state.wait_new(-1 if state.latest()[1] is not None else 0, first_wait)
     if pkt is None:
@@ -133,6 +137,7 @@ def run_live_headless(player_args: dict, state, out, fps: float = 30.0, duration
             gen = max(gen, live.generation)
             sink.write(img)
             t_done = time.time()
+            t_done_pc = time.perf_counter()
             if used is not None:
                 lat.append(t_done - used.timestamp)
                 shown_seq.append(used.seq)
@@ -143,7 +148,8 @@ def run_live_headless(player_args: dict, state, out, fps: float = 30.0, duration
         ok = True
     finally:
         sink.close(ok)
-    wall = time.perf_counter() - (t_first if t_first is not None else t_start)
+    # the active span: first pose to last frame written (not the idle wait at the end)
+    wall = (t_done_pc - t_first) if lat else time.perf_counter() - t_start
     res = {"frames": len(lat), "counts": dict(state.counts), "wall": wall, "out": str(out),
            "shown_seq": shown_seq}
     if lat:

@@ -12,7 +12,7 @@ from fmgs.body_model import load_smpl
 from fmgs.errors import FmgsInputError
 from fmgs.motion import load_motion
 from fmgs.skeleton import (
-    JOINT_MAP_PRESETS, SMPL_JOINT_NAMES, bone_direction_errors, read_asf_amc, read_bvh, rest_positions,
+    JOINT_MAP_PRESETS, SMPL_JOINT_NAMES, bone_direction_errors, read_bvh, rest_positions,
     retarget_to_smpl, smpl_fk_positions, write_smpl_bvh,
 )
 
