@@ -5,6 +5,8 @@ Examples::
     fmgs-play runs/demo/bundle ../shared/data/motion/amass_samples/amass_repo__amass_sample.npz
     fmgs-play BUNDLE MOTION --headless --out clip.mp4 --size 512 --fps 30 --mode rgb
     fmgs-play BUNDLE MOTION --headless --out frames/ --frames 60 --mode semantic
+    fmgs-play BUNDLE take.bvh --joint-map rig.yaml        # BVH / ASF-AMC, retargeted to SMPL
+    fmgs-play BUNDLE udp://0.0.0.0:9870 [--headless --out live.mp4 --duration 60]   # live stream
 
 Without a display (no ``$DISPLAY``, or GLFW cannot open an OpenGL 4.3 window) the player
 says so and renders headless to ``--out`` (default ``<motion stem>.mp4``). At exit it
