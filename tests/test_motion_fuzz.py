@@ -135,3 +135,22 @@ def test_validation_messages(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(FmgsInputError):
         load_motion(bad)
+
+
+_CMU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "motion" / "cmu_fairmotion"
+
+
+@pytest.mark.skipif(not (_CMU / "01.asf").is_file(), reason=f"CMU ASF not found in {_CMU}")
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(st.one_of(
+    st.sampled_from(["1", "2", ":DEGREES", "root 0 0 0 0 0 0", "root 1 2", "lfemur 10 20 30", "lfemur 1e400 0 0",
+                     "ltibia 45", "ltibia nan", "head 1 2 3", "nosuchbone 1", "lfoot 1 2 3", ""]),
+    st.text(alphabet=st.sampled_from(list("0123456789.- eE\t:abcdefghijklmnopqrstuvwxyz")), max_size=40)),
+    max_size=30))
+def test_amc_like_text_with_the_real_cmu_skeleton(lines):
+    """AMC motion text next to the real CMU 01.asf: a Motion or FmgsInputError."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "01.asf").write_bytes((_CMU / "01.asf").read_bytes())
+        p = Path(d) / "01_99.amc"
+        p.write_text("\n".join(lines) + "\n")
+        _load(p)
