@@ -599,7 +599,7 @@ def _read_skeleton(path: str, suffix: str, opts: dict[str, Any]) -> _Raw:
     elif isinstance(jm, dict):
         preset = "user"
     up = opts.get("up")
-    res = sk.retarget_to_smpl(sm, rest, jm, up=up, preset_name=preset)
+    res = sk.retarget_to_smpl(sm, rest, jm, up=up, preset_name=preset, units=opts.get("units"))
     kind = "bvh" if suffix == ".bvh" else "asf_amc"
     return _Raw(res.poses, res.trans, sm.fps, None, kind, "+y",
                 default_fps=AMC_FPS if kind == "asf_amc" else DEFAULT_FPS, notes=res.notes)
@@ -662,6 +662,7 @@ def load_motion(
     rest_joints: np.ndarray | None = None,
     joint_map: str | os.PathLike | dict[str, str] | None = None,
     asf: str | os.PathLike | None = None,
+    units: str | float | None = None,
 ) -> Motion:
     """Read a motion file (format detected from its suffix and keys) as an SMPL pose stream.
 
@@ -693,6 +694,8 @@ def load_motion(
         joint_map: skeleton files: a preset name (:data:`fmgs.skeleton.JOINT_MAP_PRESETS`),
             a YAML/JSON file or a dict {SMPL joint: source joint}; default: the best preset.
         asf: AMC files: the ASF skeleton (default :func:`fmgs.skeleton.find_asf`).
+        units: skeleton files: the length unit (``m``, ``cm``, ``mm``, ``in``, ``cmu`` or
+            file units per metre); default guessed from the leg length and printed.
 
     Returns:
         A :class:`Motion` (float64; ``world_from_motion`` maps the file's up
@@ -707,7 +710,8 @@ def load_motion(
             skeleton files that cannot be retargeted. The message names the file.
     """
     spath = os.fspath(path)
-    raw = _read_file(spath, {"rest_joints": rest_joints, "joint_map": joint_map, "asf": asf, "up": up})
+    raw = _read_file(spath, {"rest_joints": rest_joints, "joint_map": joint_map, "asf": asf, "up": up,
+                             "units": units})
     src = spath if not Path(spath).is_dir() else os.path.join(spath, "mesh_infos.pkl")
 
     # frame rate
@@ -835,9 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-fps", type=float, default=None, help="the file's rate when it stores none")
     ap.add_argument("--up", default=None, help="file up axis: +x -x +y -y +z -z or auto")
     ap.add_argument("--joint-map", default=None, help="skeleton files: preset name or YAML/JSON {smpl: source} map")
+    ap.add_argument("--units", default=None, help="skeleton files: length unit (m, cm, mm, in, cmu, or units per metre)")
     args = ap.parse_args(argv)
     try:
-        m = load_motion(args.file, args.fps, source_fps=args.source_fps, up=args.up, joint_map=args.joint_map)
+        m = load_motion(args.file, args.fps, source_fps=args.source_fps, up=args.up, joint_map=args.joint_map,
+                        units=args.units)
     except FmgsInputError as exc:
         print(f"error: {exc}")
         return 2

@@ -671,17 +671,37 @@ def _axis_name(v: np.ndarray) -> str:
     return _AXIS_NAMES[tuple(int(x) for x in v)]
 
 
-def _axis_vec(name: str) -> np.ndarray:
+def _axis_vec(name: str, path: str | None = None) -> np.ndarray:
     key = name.strip().lower()
     key = "+" + key if key in ("x", "y", "z") else key
     for k, n in _AXIS_NAMES.items():
         if n == key:
             return np.array(k, dtype=np.float64)
-    raise FmgsInputError(f"unknown up axis {name!r}: expected one of +x -x +y -y +z -z or auto")
+    raise FmgsInputError(f"unknown up axis {name!r}: expected one of +x -x +y -y +z -z or auto", path)
 
 
 _UNITS = (("m", 1.0), ("cm", 100.0), ("mm", 1000.0), ("inch", 39.3701), ("CMU ASF unit (1/0.45 inch)", 39.3701 * 0.45),
           ("dm", 10.0))
+#: Length units accepted by ``units=``: file units per metre.
+UNITS_PER_M = {"m": 1.0, "cm": 100.0, "mm": 1000.0, "in": 39.3701, "inch": 39.3701, "cmu": 39.3701 * 0.45}
+
+
+def _units_per_m(units: str | float, path: str | None) -> float:
+    if isinstance(units, (int, float)):
+        v = float(units)
+    else:
+        key = str(units).strip().lower()
+        if key in UNITS_PER_M:
+            v = UNITS_PER_M[key]
+        else:
+            try:
+                v = float(key)
+            except ValueError:
+                raise FmgsInputError(f"unknown length unit {units!r}: expected one of {', '.join(UNITS_PER_M)} or "
+                                     "a number of file units per metre", path) from None
+    if not (math.isfinite(v) and v > 0):
+        raise FmgsInputError(f"length unit must be a positive number of file units per metre, got {units!r}", path)
+    return v
 
 
 @dataclass
@@ -721,7 +741,8 @@ def _leg_length(P: np.ndarray, idx: dict[int, int], hip: int, knee: int, ankle: 
 
 
 def retarget_to_smpl(sm: SkeletonMotion, rest_joints: np.ndarray, joint_map: dict[str, str] | None = None,
-                     up: str | None = None, preset_name: str | None = None) -> RetargetResult:
+                     up: str | None = None, preset_name: str | None = None,
+                     units: str | float | None = None) -> RetargetResult:
     """Retarget a skeleton motion to SMPL's 24 joints.
 
     Steps (source = the file's skeleton, in file units and axes):
@@ -743,7 +764,11 @@ def retarget_to_smpl(sm: SkeletonMotion, rest_joints: np.ndarray, joint_map: dic
        joints). Unmapped SMPL joints keep their parent's frame (local rotation zero).
        SMPL local rotations ``R_k = G_parent^T G_k``, as axis-angle.
     4. **Translation.** ``s`` = SMPL leg length (hip -> knee -> ankle of ``rest_joints``)
-       over the source's, averaged over both legs; ``trans = s A P_pelvis(t) - J_0``.
+       over the source's, averaged over both legs; ``trans = s A P_pelvis(t) - J_0``. The
+       file's length unit is guessed from the leg length (an adult's is ~0.8 m) and
+       reported; ``units=`` gives it instead. The leg ratio sets the scale whenever both
+       legs are mapped (the feet then stay on the source's floor whatever the subject's
+       size); without legs, ``s`` is ``1 / units`` (given) or assumes a 1.7 m tall source.
 
     Args:
         sm: the source motion.
@@ -752,6 +777,8 @@ def retarget_to_smpl(sm: SkeletonMotion, rest_joints: np.ndarray, joint_map: dic
             (:func:`choose_joint_map`).
         up: the source's up axis (``+y``, ``-z``...), None/``auto`` to detect.
         preset_name: label of ``joint_map`` for the notes.
+        units: the file's length unit (``m``, ``cm``, ``mm``, ``in``, ``cmu`` or file units
+            per metre); None to guess.
 
     Returns:
         :class:`RetargetResult`.
@@ -805,7 +832,7 @@ def retarget_to_smpl(sm: SkeletonMotion, rest_joints: np.ndarray, joint_map: dic
         upv = _snap(Prest[idx[top]] - Prest[idx[0]])
         up_how = "detected"
     else:
-        upv = _axis_vec(up)
+        upv = _axis_vec(up, sm.source)
         up_how = "given"
     lr = [(1, 2), (16, 17), (13, 14)]
     pair = next(((a, b) for a, b in lr if a in idx and b in idx), None)
@@ -831,15 +858,26 @@ def retarget_to_smpl(sm: SkeletonMotion, rest_joints: np.ndarray, joint_map: dic
     if legs and np.mean(legs) > 0:
         src_leg = float(np.mean(legs))
         scale = smpl_leg / src_leg
-        per_m = src_leg / 0.8  # an adult's hip-to-ankle length is about 0.8 m
-        unit = min(_UNITS, key=lambda u: abs(math.log(per_m / u[1])))[0]
+        if units is not None:
+            per_m = _units_per_m(units, sm.source)
+            unit = f"{units} (given)"
+            extra = f"; the source's legs are {src_leg / per_m:.3f} m"
+        else:
+            per_m = src_leg / 0.8  # an adult's hip-to-ankle length is about 0.8 m
+            unit = min(_UNITS, key=lambda u: abs(math.log(per_m / u[1])))[0]
+            extra = ""
         notes.append(f"scale {scale:.5g} m per source unit (SMPL leg {smpl_leg:.3f} m / source leg {src_leg:.4g}); "
-                     f"source units look like {unit}{' -- ' + sm.units_note if sm.units_note else ''}")
+                     f"source units {'' if units is not None else 'look like '}{unit}{extra}"
+                     f"{' -- ' + sm.units_note if sm.units_note else ''}")
+    elif units is not None:
+        scale = 1.0 / _units_per_m(units, sm.source)
+        unit = f"{units} (given)"
+        notes.append(f"no legs in the map: scale {scale:.5g} m per source unit from the given unit {units!r}")
     else:
         height = float(np.ptp(Prest @ upv))
         scale = 1.7 / height if height > 0 else 1.0
         unit = "unknown"
-        notes.append(f"no legs in the map: scale {scale:.5g} from the rest height (assumed 1.7 m)")
+        notes.append(f"no legs in the map: scale {scale:.5g} from the rest height (assumed 1.7 m; pass units=)")
 
     # 2/3. rotations
     G, P = forward_kinematics(sm)

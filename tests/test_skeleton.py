@@ -175,3 +175,30 @@ def test_bad_skeleton_files_raise_naming_the_file(tmp_path, rest):
     asf.write_text(":bonedata\n")
     with pytest.raises(FmgsInputError, match="skeleton without motion"):
         load_motion(asf)
+
+
+def test_up_axis_units_and_heading_are_detected(rest, tmp_path):
+    """The same SMPL-skeleton take, re-expressed Z-up in centimetres: detected (+z, cm) and
+    retargeted to the same SMPL motion; ``up=`` and ``units=`` override."""
+    rng = np.random.default_rng(0)
+    T = 20
+    poses = rng.normal(scale=0.3, size=(T, 24, 3))
+    poses[:, 0] = 0.0
+    trans = rng.normal(scale=0.2, size=(T, 3))
+    p = tmp_path / "y.bvh"
+    write_smpl_bvh(p, poses, trans, rest, 30.0)
+    sk = read_bvh(p)
+    ref = retarget_to_smpl(sk, rest)
+    assert ref.up == "+y" and ref.units == "m"
+    M = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # y-up -> z-up: (x, y, z) -> (x, -z, y)
+    sk.local_pos = sk.local_pos @ M.T * 100.0
+    sk.local_rot = M @ sk.local_rot @ M.T  # every joint frame is world-aligned at rest
+    got = retarget_to_smpl(sk, rest)
+    assert got.up == "+z" and got.units == "cm" and got.forward == "-y"
+    np.testing.assert_allclose(got.poses, ref.poses, atol=1e-7)
+    np.testing.assert_allclose(got.trans, ref.trans, atol=1e-7)
+    given = retarget_to_smpl(sk, rest, up="+z", units="cm")
+    np.testing.assert_allclose(given.poses, ref.poses, atol=1e-7)
+    assert any("cm (given)" in n for n in given.notes)
+    with pytest.raises(FmgsInputError, match="unknown length unit"):
+        retarget_to_smpl(sk, rest, units="furlong")
