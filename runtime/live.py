@@ -191,7 +191,10 @@ def run_live(player_args: dict, url: str, rest_joints=None, headless: bool = Fal
         except RuntimeError as exc:
             err(f"fmgs-play: error: {exc}")
             return 3
-        log(f"fmgs-play: wrote {res['out']}")
+        if res["out"] is not None:
+            log(f"fmgs-play: wrote {res['out']}")
+        else:
+            log(f"fmgs-play: nothing written; stream: {rx.state.summary()}")
         return 0
     finally:
         rx.close()
