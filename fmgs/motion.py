@@ -1,4 +1,4 @@
-"""Motion-capture readers: AMASS, AIST++, HumanNeRF / ZJU-MoCap and plain SMPL files to one SMPL pose stream.
+"""Motion-capture readers: AMASS, AIST++, HumanNeRF / ZJU-MoCap, plain SMPL, BVH and ASF/AMC files to one SMPL pose stream.
 
 Every reader returns a :class:`Motion`: per-frame SMPL axis-angle poses
 ``(T, 24, 3)``, a root translation ``(T, 3)`` in metres, a frame rate, and the
@@ -29,6 +29,9 @@ Formats (details, sources and axis conventions in ``docs/motion.md``):
   key ``poses``, or ``global_orient`` + ``body_pose``), optional ``trans`` /
   ``transl`` (metres, zeros when absent) and ``fps``. A ``(T,156)`` array is
   read as SMPL+H like AMASS.
+* **BVH** / **ASF+AMC** skeleton motion: read by :mod:`fmgs.skeleton` (BVH parsed by
+  ``bvhio``) and retargeted to SMPL's 24 joints (joint map presets or a user map, rest-pose
+  alignment of bone directions, leg-length scale); the result is Y-up.
 
 The file's up axis is the format's convention for AMASS (+Z) and otherwise
 detected from the data (the mean direction of the body's own +Y axis, i.e. the
@@ -36,8 +39,10 @@ root orientation applied to SMPL's rest "up", snapped to the nearest signed
 coordinate axis); ``up=`` overrides it. SMPL-X files (165 pose values, or
 ``surface_model_type`` = ``smplx``), wrong shapes, empty or all-NaN files raise
 :class:`fmgs.errors.FmgsInputError` naming the file and the problem; frames
-holding NaN/inf are dropped with a warning. :func:`resample_motion` resamples
-to a display rate with per-joint quaternion slerp and linear translation.
+holding NaN/inf are dropped with a warning; complex values, frame rates outside
+:data:`SOURCE_FPS_RANGE` and absurd translations / angles raise.
+:func:`resample_motion` resamples to a display rate with SciPy ``Slerp`` per joint and
+linear translation.
 
 Torch-free (NumPy only); see ``tests/test_no_torch.py``.
 """
@@ -48,11 +53,12 @@ import math
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation, Slerp
 
 from fmgs.body_model import NUM_JOINTS, axis_angle_to_matrix, matrix_to_axis_angle
 from fmgs.errors import FmgsInputError
@@ -75,13 +81,28 @@ __all__ = [
 ]
 
 #: The ``Motion.kind`` values the readers produce.
-MOTION_KINDS = ("amass", "aistpp", "humannerf", "smpl")
+MOTION_KINDS = ("amass", "aistpp", "humannerf", "smpl", "bvh", "asf_amc")
 
 #: Frame rate assumed (with a warning) for files that do not store one.
 DEFAULT_FPS = 30.0
 
 #: AIST++ motions are sampled at 60 fps (AIST++ API, ``demos/run_vis.py``: ``fps=60``).
 AISTPP_FPS = 60.0
+
+#: Frame rates accepted from a file or ``source_fps`` (frames per second): mocap runs from
+#: a few Hz (keyframed clips) to a few kHz (IMU suits); anything outside is a corrupt value.
+SOURCE_FPS_RANGE = (0.1, 10000.0)
+
+#: Display rates accepted by :func:`resample_motion` (frames per second).
+DISPLAY_FPS_RANGE = (0.1, 1000.0)
+
+#: Largest accepted root translation (metres) and axis-angle magnitude (radians): larger
+#: values are corrupt data (they would put the body out of any view or lose all precision).
+MAX_TRANSLATION_M = 1.0e4
+MAX_ANGLE_RAD = 1.0e3
+
+#: Assumed frame rate of AMC files (which store none): the CMU database is captured at 120 Hz.
+AMC_FPS = 120.0
 
 #: Signed coordinate axes accepted by ``up=``.
 UP_AXES = ("+x", "-x", "+y", "-y", "+z", "-z")
@@ -113,6 +134,8 @@ class Motion:
             (informational: an avatar keeps its own shape).
         source: the file the motion was read from.
         kind: one of :data:`MOTION_KINDS`.
+        notes: lines to show the user (for retargeted skeleton files: the joint map, the
+            detected axes, units and scale).
 
     Raises:
         ValueError: (construction) inconsistent shapes or a non-positive fps.
@@ -125,6 +148,7 @@ class Motion:
     betas: np.ndarray | None
     source: str
     kind: str
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.poses = np.asarray(self.poses, dtype=np.float64)
@@ -172,10 +196,8 @@ class Motion:
 def axis_angle_to_quat(aa: np.ndarray) -> np.ndarray:
     """Axis-angle vectors to unit quaternions ``(w, x, y, z)``.
 
-    ``q = (cos(t/2), sin(t/2) a / t)`` with ``t = |a|``; ``sin(t/2)/t`` uses its
-    Taylor series below ``t = 1e-4`` (exact to float64 rounding at ``t -> 0``).
-    Same convention as ``scipy.spatial.transform.Rotation.from_rotvec`` (which
-    orders ``(x, y, z, w)``).
+    ``q = (cos(t/2), sin(t/2) a / t)`` with ``t = |a|``, computed by SciPy
+    (``Rotation.from_rotvec(...).as_quat()``, reordered scalar first).
 
     Args:
         aa: (..., 3) axis-angle, radians.
@@ -184,66 +206,54 @@ def axis_angle_to_quat(aa: np.ndarray) -> np.ndarray:
         (..., 4) float64 unit quaternions, scalar first.
     """
     aa = np.asarray(aa, dtype=np.float64)
-    t = np.linalg.norm(aa, axis=-1)
-    small = t < 1e-4
-    ts = np.where(small, 1.0, t)
-    s = np.where(small, 0.5 - t * t / 48.0 + t**4 / 3840.0, np.sin(0.5 * ts) / ts)
-    return np.concatenate([np.cos(0.5 * t)[..., None], aa * s[..., None]], axis=-1)
+    q = Rotation.from_rotvec(aa.reshape(-1, 3)).as_quat()
+    return q[:, [3, 0, 1, 2]].reshape(aa.shape[:-1] + (4,))
 
 
 def quat_to_axis_angle(q: np.ndarray) -> np.ndarray:
     """Unit quaternions ``(w, x, y, z)`` to axis-angle vectors (angle in [0, pi]).
 
-    ``q`` and ``-q`` give the same result (the sign is fixed so that ``w >= 0``);
-    ``angle = 2 atan2(|v|, w)``, stable at zero angle and near pi.
+    ``q`` and ``-q`` give the same result; computed by SciPy
+    (``Rotation.from_quat(...).as_rotvec()``, which normalises ``q``).
 
     Args:
-        q: (..., 4) quaternions, scalar first (normalised here).
+        q: (..., 4) quaternions, scalar first (non-zero norm).
 
     Returns:
         (..., 3) float64 axis-angle, radians.
     """
     q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    q = np.where(q[..., :1] < 0, -q, q)
-    n = np.linalg.norm(q[..., 1:], axis=-1)
-    angle = 2.0 * np.arctan2(n, q[..., 0])
-    small = n < 1e-8
-    # angle / n -> 2 / w as n -> 0 (w -> 1 there)
-    scale = np.where(small, 2.0 / np.where(small, q[..., 0], 1.0), angle / np.where(small, 1.0, n))
-    return q[..., 1:] * scale[..., None]
+    r = Rotation.from_quat(q.reshape(-1, 4)[:, [1, 2, 3, 0]])
+    return r.as_rotvec().reshape(q.shape[:-1] + (3,))
 
 
 def quat_slerp(q0: np.ndarray, q1: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Spherical linear interpolation along the shorter arc (Shoemake 1985).
 
-    ``slerp = sin((1-a) W)/sin W q0 + sin(a W)/sin W q1`` with ``cos W = |q0.q1|``
-    after flipping ``q1`` into ``q0``'s hemisphere; for ``sin W < 1e-6``
-    (nearly equal rotations) normalised linear interpolation is used, which
-    agrees to ~1e-13 there.
+    ``slerp(a) = R0 exp(a log(R0^-1 R1))`` with SciPy ``Rotation`` (``as_rotvec`` returns
+    the angle in [0, pi], i.e. the shorter arc), element-wise over broadcast inputs: the
+    same rotations as :class:`scipy.spatial.transform.Slerp` between two key rotations.
 
     Args:
-        q0: (..., 4) unit quaternions at ``alpha = 0``.
+        q0: (..., 4) unit quaternions at ``alpha = 0``, scalar first.
         q1: (..., 4) unit quaternions at ``alpha = 1``.
         alpha: interpolation weights broadcastable to ``q0.shape[:-1]``, in [0, 1].
 
     Returns:
-        (..., 4) float64 unit quaternions (scalar first).
+        (..., 4) float64 unit quaternions (scalar first, ``w >= 0``).
     """
     q0 = np.asarray(q0, dtype=np.float64)
     q1 = np.asarray(q1, dtype=np.float64)
-    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), np.broadcast_shapes(q0.shape[:-1], q1.shape[:-1]))
-    dot = np.sum(q0 * q1, axis=-1)
-    q1 = np.where(dot[..., None] < 0, -q1, q1)
-    dot = np.clip(np.abs(dot), 0.0, 1.0)
-    omega = np.arccos(dot)
-    so = np.sin(omega)
-    near = so < 1e-6
-    so_safe = np.where(near, 1.0, so)
-    w0 = np.where(near, 1.0 - a, np.sin((1.0 - a) * omega) / so_safe)
-    w1 = np.where(near, a, np.sin(a * omega) / so_safe)
-    q = w0[..., None] * q0 + w1[..., None] * q1
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+    shape = np.broadcast_shapes(q0.shape[:-1], q1.shape[:-1], np.shape(alpha))
+    q0 = np.broadcast_to(q0, shape + (4,)).reshape(-1, 4)
+    q1 = np.broadcast_to(q1, shape + (4,)).reshape(-1, 4)
+    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), shape).reshape(-1)
+    r0 = Rotation.from_quat(q0[:, [1, 2, 3, 0]])
+    r1 = Rotation.from_quat(q1[:, [1, 2, 3, 0]])
+    rel = (r0.inv() * r1).as_rotvec()
+    out = (r0 * Rotation.from_rotvec(rel * a[:, None])).as_quat()[:, [3, 0, 1, 2]]
+    out = np.where(out[:, :1] < 0, -out, out)
+    return out.reshape(shape + (4,))
 
 
 # --------------------------------------------------------------------------- axes
@@ -342,12 +352,26 @@ def smplh_to_smpl(poses: np.ndarray) -> np.ndarray:
     return out
 
 
+def _num(arr: Any, path: str, what: str) -> np.ndarray:
+    """A real numeric array as float64; complex, text, object or structured data raise
+    (converting complex values would silently drop their imaginary part)."""
+    a = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+    if a.dtype.kind == "c":
+        raise FmgsInputError(f"{what} holds complex numbers ({a.dtype}); motion values must be real", path)
+    if a.dtype.kind not in "fiub":
+        raise FmgsInputError(f"{what} is not a numeric array (dtype {a.dtype})", path)
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FmgsInputError(f"{what} is not a numeric array ({exc})", path) from exc
+
+
 def _poses_to_smpl(arr: Any, path: str, what: str, model: str | None = None) -> np.ndarray:
     """Validate a pose array and map it to (T,24,3) SMPL; errors name the body model."""
     try:
-        p = np.asarray(arr, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise FmgsInputError(f"{what} is not a numeric array ({exc})", path) from exc
+        p = _num(arr, path, what)
+    except FmgsInputError:
+        raise
     if p.ndim == 1 and p.size in (_SMPL_DIMS, _SMPLH_DIMS, _SMPLX_DIMS):
         p = p[None]
     if p.ndim == 3 and p.shape[2] == 3:
@@ -384,10 +408,7 @@ def _as_str(v: Any) -> str:
 
 
 def _scalar(v: Any, path: str, what: str) -> float:
-    try:
-        a = np.asarray(v, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise FmgsInputError(f"{what} is not a number ({exc})", path) from exc
+    a = _num(v, path, what).reshape(-1)
     if a.size != 1:
         raise FmgsInputError(f"{what} must be a single number, got shape {np.shape(v)}", path)
     return float(a[0])
@@ -396,10 +417,7 @@ def _scalar(v: Any, path: str, what: str) -> float:
 def _trans(arr: Any, t: int, path: str, what: str, scale: float = 1.0) -> np.ndarray:
     if arr is None:
         return np.zeros((t, 3))
-    try:
-        tr = np.asarray(arr, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise FmgsInputError(f"{what} is not a numeric array ({exc})", path) from exc
+    tr = _num(arr, path, what)
     if tr.ndim == 1 and tr.size == 3 and t == 1:
         tr = tr[None]
     if tr.shape != (t, 3):
@@ -416,6 +434,8 @@ class _Raw:
     betas: np.ndarray | None
     kind: str
     up: str  # default up convention: an axis or "auto"
+    default_fps: float = DEFAULT_FPS  # assumed (with a warning) when fps is None
+    notes: list[str] = field(default_factory=list)
 
 
 def _read_npz_dict(d: dict[str, Any], path: str) -> _Raw:
@@ -429,7 +449,7 @@ def _read_npz_dict(d: dict[str, Any], path: str) -> _Raw:
             "or convert it to SMPL", path)
     betas = None
     if "betas" in keys:
-        b = np.asarray(d["betas"], dtype=np.float64).reshape(-1)
+        b = _num(d["betas"], path, "'betas'").reshape(-1)
         betas = b if b.size else None
     fps = None
     for k in _FPS_KEYS:
@@ -443,16 +463,16 @@ def _read_npz_dict(d: dict[str, Any], path: str) -> _Raw:
     if "poses" in keys:
         poses = _poses_to_smpl(d["poses"], path, "'poses'", model or None)
     elif "root_orient" in keys and "pose_body" in keys:
-        ro = np.asarray(d["root_orient"], dtype=np.float64)
-        pb = np.asarray(d["pose_body"], dtype=np.float64)
+        ro = _num(d["root_orient"], path, "'root_orient'")
+        pb = _num(d["pose_body"], path, "'pose_body'")
         if ro.ndim != 2 or ro.shape[1] != 3 or pb.shape != (len(ro), 63):
             raise FmgsInputError(
                 f"'root_orient' {ro.shape} / 'pose_body' {pb.shape}: expected (T,3) and (T,63) "
                 "(AMASS SMPL+H body: 21 joints x 3)", path)
         poses = _poses_to_smpl(np.concatenate([ro, pb, np.zeros((len(ro), 6))], 1), path, "'root_orient'+'pose_body'")
     elif "global_orient" in keys and "body_pose" in keys:
-        go = np.asarray(d["global_orient"], dtype=np.float64)
-        bp = np.asarray(d["body_pose"], dtype=np.float64)
+        go = _num(d["global_orient"], path, "'global_orient'")
+        bp = _num(d["body_pose"], path, "'body_pose'")
         go = go.reshape(len(go), -1) if go.ndim >= 2 else go.reshape(1, -1)
         bp = bp.reshape(len(bp), -1) if bp.ndim >= 2 else bp.reshape(1, -1)
         if go.shape[1] != 3 or len(go) != len(bp):
@@ -506,9 +526,12 @@ def _read_humannerf(d: dict[str, Any], path: str) -> _Raw:
                 f"frame {name!r} lacks 'tpose_joints': the root joint is needed to express Rh/Th as SMPL "
                 "root rotation + translation", path)
         p = _poses_to_smpl(fr["poses"], path, f"{name!r} 'poses'")[0]
-        rh = np.asarray(fr["Rh"], dtype=np.float64).reshape(-1)
-        th = np.asarray(fr["Th"], dtype=np.float64).reshape(-1)
-        j0 = np.asarray(fr["tpose_joints"], dtype=np.float64).reshape(-1, 3)[0]
+        rh = _num(fr["Rh"], path, f"frame {name!r} 'Rh'").reshape(-1)
+        th = _num(fr["Th"], path, f"frame {name!r} 'Th'").reshape(-1)
+        j0 = _num(fr["tpose_joints"], path, f"frame {name!r} 'tpose_joints'").reshape(-1)
+        if j0.size < 3 or j0.size % 3:
+            raise FmgsInputError(f"frame {name!r}: 'tpose_joints' {np.shape(fr['tpose_joints'])} is not (J, 3)", path)
+        j0 = j0[:3]
         if rh.size != 3 or th.size != 3:
             raise FmgsInputError(f"frame {name!r}: Rh {rh.shape} / Th {th.shape}, expected 3 values each", path)
         r_h = axis_angle_to_matrix(rh)
@@ -538,7 +561,51 @@ def _read_pickle(path: str) -> _Raw:
         path)
 
 
-def _read_file(path: str) -> _Raw:
+_SKELETON_SUFFIXES = (".bvh", ".amc")
+
+
+def _neutral_rest_joints(path: str) -> np.ndarray:
+    """SMPL neutral rest joints from the data root (for retargeting without a subject)."""
+    from fmgs.body_model import load_smpl
+    from fmgs.paths import smpl_neutral_path
+
+    p = smpl_neutral_path()
+    if not p.is_file():
+        raise FmgsInputError(
+            f"retargeting a skeleton to SMPL needs the subject's SMPL rest joints: pass rest_joints= "
+            f"(fmgs-play uses the bundle's) or provide the neutral SMPL model at {p}", path)
+    return load_smpl(p).shape()[1]
+
+
+def _read_skeleton(path: str, suffix: str, opts: dict[str, Any]) -> _Raw:
+    from fmgs import skeleton as sk
+
+    if suffix == ".bvh":
+        sm = sk.read_bvh(path)
+    else:
+        sm = sk.read_asf_amc(path, opts.get("asf"))
+    if sm.num_frames < 1:
+        raise FmgsInputError("skeleton motion holds no frames", path)
+    if not (np.isfinite(sm.local_pos).all() and np.abs(sm.local_pos).max() < 1e12):
+        raise FmgsInputError("skeleton offsets or root positions are not finite or absurdly large", path)
+    rest = opts.get("rest_joints")
+    rest = _neutral_rest_joints(path) if rest is None else np.asarray(rest, np.float64).reshape(NUM_JOINTS, 3)
+    jm = opts.get("joint_map")
+    preset = None
+    if isinstance(jm, str) and jm in sk.JOINT_MAP_PRESETS:
+        preset, jm = jm, sk.JOINT_MAP_PRESETS[jm]
+    elif jm is not None and not isinstance(jm, dict):
+        jm = sk.load_joint_map(jm)
+    elif isinstance(jm, dict):
+        preset = "user"
+    up = opts.get("up")
+    res = sk.retarget_to_smpl(sm, rest, jm, up=up, preset_name=preset, units=opts.get("units"))
+    kind = "bvh" if suffix == ".bvh" else "asf_amc"
+    return _Raw(res.poses, res.trans, sm.fps, None, kind, "+y",
+                default_fps=AMC_FPS if kind == "asf_amc" else DEFAULT_FPS, notes=res.notes)
+
+
+def _read_file(path: str, opts: dict[str, Any] | None = None) -> _Raw:
     p = Path(path)
     if p.is_dir():
         mi = p / "mesh_infos.pkl"
@@ -552,14 +619,18 @@ def _read_file(path: str) -> _Raw:
     suffix = p.suffix.lower()
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(path)
-    if suffix in (".bvh", ".amc", ".asf", ".fbx", ".c3d"):
+    if suffix in _SKELETON_SUFFIXES:
+        return _read_skeleton(path, suffix, opts or {})
+    if suffix == ".asf":
+        raise FmgsInputError("an .asf file is a skeleton without motion; give its .amc motion (the .asf is "
+                             "found next to it)", path)
+    if suffix in (".fbx", ".c3d"):
         raise FmgsInputError(
-            f"'{suffix}' skeleton motion is not SMPL and needs retargeting, which fmgs does not do; "
-            "use an SMPL / SMPL+H file (AMASS has CMU mocap as SMPL+H)", path)
+            f"'{suffix}' is not supported; export the take as BVH (skeleton) or SMPL / SMPL+H", path)
     if suffix not in (".npz", ".npy"):
         raise FmgsInputError(
-            f"unsupported motion file type '{suffix}': expected .npz (AMASS, SMPL, AIST++ keys), .npy (SMPL) "
-            "or .pkl (AIST++, HumanNeRF mesh_infos)", path)
+            f"unsupported motion file type '{suffix}': expected .npz (AMASS, SMPL, AIST++ keys), .npy (SMPL), "
+            ".pkl (AIST++, HumanNeRF mesh_infos), .bvh or .amc (+ .asf) skeleton motion", path)
     try:
         if suffix == ".npy":
             poses = _poses_to_smpl(np.load(path, allow_pickle=False), path, "array")
@@ -575,6 +646,9 @@ def _read_file(path: str) -> _Raw:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise FmgsInputError(f"cannot read {suffix} file (corrupt or not a NumPy file): {exc}", path) from exc
+    except Exception as exc:  # numpy / zipfile / zlib decoding untrusted bytes: anything is corrupt input
+        raise FmgsInputError(f"cannot read {suffix} file (corrupt or not a NumPy file): "
+                             f"{type(exc).__name__}: {exc}", path) from exc
     return _read_npz_dict(d, path)
 
 
@@ -585,6 +659,10 @@ def load_motion(
     *,
     source_fps: float | None = None,
     up: str | None = None,
+    rest_joints: np.ndarray | None = None,
+    joint_map: str | os.PathLike | dict[str, str] | None = None,
+    asf: str | os.PathLike | None = None,
+    units: str | float | None = None,
 ) -> Motion:
     """Read a motion file (format detected from its suffix and keys) as an SMPL pose stream.
 
@@ -593,10 +671,16 @@ def load_motion(
     jumps over the gap). Files without a frame rate get
     :data:`DEFAULT_FPS` with a warning, unless ``source_fps`` is given.
 
+    Skeleton files (BVH, ASF/AMC) are retargeted to SMPL by
+    :func:`fmgs.skeleton.retarget_to_smpl` (their ``up`` goes to the retargeting, the
+    result is Y-up: ``world_from_motion`` is the identity); the joint map and what was
+    guessed are in ``Motion.notes``.
+
     Args:
         path: AMASS ``.npz``; AIST++ ``.pkl`` / ``.npz``; HumanNeRF
             ``mesh_infos.pkl`` or its sequence folder; plain SMPL ``.npy`` /
-            ``.npz``. See the module docstring and ``docs/motion.md``.
+            ``.npz``; BVH ``.bvh``; Acclaim ``.amc`` (its ``.asf`` next to it).
+            See the module docstring and ``docs/motion.md``.
         fps: resample to this display rate (frames per second) with
             :func:`resample_motion`; None keeps the file's frames.
         source_fps: the file's frame rate when it stores none (or to override
@@ -605,6 +689,13 @@ def load_motion(
             with :func:`detect_up_axis`); None uses the format's convention
             (AMASS: ``+z``; others: ``"auto"``). ``auto`` falls back to ``+y``
             with a warning when the motion is not upright enough to tell.
+        rest_joints: (24, 3) SMPL rest joints of the subject (metres) that skeleton motion
+            is retargeted to; default the neutral SMPL of the data root.
+        joint_map: skeleton files: a preset name (:data:`fmgs.skeleton.JOINT_MAP_PRESETS`),
+            a YAML/JSON file or a dict {SMPL joint: source joint}; default: the best preset.
+        asf: AMC files: the ASF skeleton (default :func:`fmgs.skeleton.find_asf`).
+        units: skeleton files: the length unit (``m``, ``cm``, ``mm``, ``in``, ``cmu`` or
+            file units per metre); default guessed from the leg length and printed.
 
     Returns:
         A :class:`Motion` (float64; ``world_from_motion`` maps the file's up
@@ -613,25 +704,35 @@ def load_motion(
     Raises:
         FmgsInputError: missing / empty / corrupt file; unsupported format;
             wrong pose or translation shapes; SMPL-X (or another body model's)
-            poses; every frame non-finite; bad ``fps`` / ``source_fps`` /
-            ``up``. The message names the file.
+            poses; complex values; every frame non-finite; a frame rate outside
+            :data:`SOURCE_FPS_RANGE`; translations beyond :data:`MAX_TRANSLATION_M` or
+            angles beyond :data:`MAX_ANGLE_RAD`; bad ``fps`` / ``source_fps`` / ``up``;
+            skeleton files that cannot be retargeted. The message names the file.
     """
     spath = os.fspath(path)
-    raw = _read_file(spath)
+    raw = _read_file(spath, {"rest_joints": rest_joints, "joint_map": joint_map, "asf": asf, "up": up,
+                             "units": units})
     src = spath if not Path(spath).is_dir() else os.path.join(spath, "mesh_infos.pkl")
 
     # frame rate
     rate = raw.fps
+    lo, hi = SOURCE_FPS_RANGE
     if source_fps is not None:
-        rate = float(source_fps)
-        if not (math.isfinite(rate) and rate > 0):
-            raise FmgsInputError(f"source_fps must be a positive number, got {source_fps}", src)
+        try:
+            rate = float(source_fps)
+        except (TypeError, ValueError) as exc:
+            raise FmgsInputError(f"source_fps must be a number, got {source_fps!r}", src) from exc
+        if not (math.isfinite(rate) and lo <= rate <= hi):
+            raise FmgsInputError(f"source_fps must be a positive number in [{lo:g}, {hi:g}], got {source_fps}", src)
     elif rate is None:
-        warnings.warn(f"{src}: the file stores no frame rate; assuming {DEFAULT_FPS:g} fps "
+        warnings.warn(f"{src}: the file stores no frame rate; assuming {raw.default_fps:g} fps "
                       "(pass source_fps= to set it)", stacklevel=2)
-        rate = DEFAULT_FPS
+        rate = raw.default_fps
     if not (math.isfinite(rate) and rate > 0):
         raise FmgsInputError(f"frame rate {rate} in the file is not a positive number", src)
+    if not lo <= rate <= hi:
+        raise FmgsInputError(f"frame rate {rate:g} fps in the file is outside the sane range [{lo:g}, {hi:g}] "
+                             "(pass source_fps= if the file is right)", src)
     if abs(rate - round(rate)) < 1e-3:  # e.g. AMASS 120.00004577636719 (float32 artefact)
         rate = float(round(rate))
 
@@ -643,13 +744,21 @@ def load_motion(
     if n_bad:
         warnings.warn(f"{src}: dropped {n_bad} of {len(ok)} frames containing NaN or inf values", stacklevel=2)
     poses, trans = raw.poses[ok], raw.trans[ok]
+    big_t = float(np.abs(trans).max())
+    if big_t > MAX_TRANSLATION_M:
+        raise FmgsInputError(f"root translation reaches {big_t:.3g} m (more than {MAX_TRANSLATION_M:g} m): "
+                             "corrupt values or not metres", src)
+    big_p = float(np.abs(poses).max())
+    if big_p > MAX_ANGLE_RAD:
+        raise FmgsInputError(f"pose values reach {big_p:.3g} rad (more than {MAX_ANGLE_RAD:g}): corrupt values or "
+                             "not axis-angle radians", src)
     betas = raw.betas
     if betas is not None and not np.isfinite(betas).all():
         warnings.warn(f"{src}: ignoring non-finite betas", stacklevel=2)
         betas = None
 
     # up axis
-    up_key = raw.up if up is None else str(up).strip().lower()
+    up_key = raw.up if (up is None or raw.kind in ("bvh", "asf_amc")) else str(up).strip().lower()
     if up_key == "auto":
         found = detect_up_axis(poses)
         if found is None:
@@ -660,7 +769,7 @@ def load_motion(
     world = world_from_up(up_key)
 
     m = Motion(poses=poses, trans=trans, fps=rate, world_from_motion=world, betas=betas,
-               source=src, kind=raw.kind)
+               source=src, kind=raw.kind, notes=list(raw.notes))
     return resample_motion(m, fps) if fps is not None else m
 
 
@@ -670,8 +779,8 @@ def resample_motion(m: Motion, fps: float) -> Motion:
     Output frame ``k`` is at time ``k / fps`` seconds, for every such time
     within ``[0, (T - 1) / m.fps]`` (so the first frame is kept and the clip
     never extrapolates). Rotations of every joint (root included) are
-    interpolated by quaternion slerp along the shorter arc
-    (:func:`quat_slerp`), translation linearly. Output times that fall on a
+    interpolated by SciPy's ``Slerp`` (quaternion slerp along the shorter arc
+    between consecutive frames), translation linearly. Output times that fall on a
     source frame (within 1e-9 frames) copy that frame bit for bit.
 
     Args:
@@ -682,14 +791,15 @@ def resample_motion(m: Motion, fps: float) -> Motion:
         A new :class:`Motion` at ``fps`` (other fields copied).
 
     Raises:
-        FmgsInputError: ``fps`` is not a positive finite number.
+        FmgsInputError: ``fps`` is not a finite number in :data:`DISPLAY_FPS_RANGE`.
     """
     try:
         target = float(fps)
     except (TypeError, ValueError) as exc:
         raise FmgsInputError(f"display fps must be a number, got {fps!r}", m.source) from exc
-    if not (math.isfinite(target) and target > 0):
-        raise FmgsInputError(f"display fps must be a positive number, got {fps}", m.source)
+    lo, hi = DISPLAY_FPS_RANGE
+    if not (math.isfinite(target) and lo <= target <= hi):
+        raise FmgsInputError(f"display fps must be a positive number in [{lo:g}, {hi:g}], got {fps}", m.source)
     t_src = m.num_frames
     if t_src == 1:
         return replace(m, poses=m.poses.copy(), trans=m.trans.copy(), fps=target)
@@ -706,9 +816,11 @@ def resample_motion(m: Motion, fps: float) -> Motion:
     blend = ~exact
     if blend.any():
         a = alpha[blend]
-        q0 = axis_angle_to_quat(m.poses[i0[blend]])
-        q1 = axis_angle_to_quat(m.poses[i1[blend]])
-        poses[blend] = quat_to_axis_angle(quat_slerp(q0, q1, a[:, None]))
+        u_b = u[blend]
+        keys = np.arange(t_src, dtype=np.float64)
+        for j in range(NUM_JOINTS):
+            rots = Rotation.from_rotvec(m.poses[:, j])
+            poses[blend, j] = Slerp(keys, rots)(np.clip(u_b, 0.0, t_src - 1.0)).as_rotvec()
         trans[blend] = (1.0 - a)[:, None] * m.trans[i0[blend]] + a[:, None] * m.trans[i1[blend]]
     return replace(m, poses=poses, trans=trans, fps=target)
 
@@ -726,9 +838,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=None, help="resample to this rate")
     ap.add_argument("--source-fps", type=float, default=None, help="the file's rate when it stores none")
     ap.add_argument("--up", default=None, help="file up axis: +x -x +y -y +z -z or auto")
+    ap.add_argument("--joint-map", default=None, help="skeleton files: preset name or YAML/JSON {smpl: source} map")
+    ap.add_argument("--units", default=None, help="skeleton files: length unit (m, cm, mm, in, cmu, or units per metre)")
     args = ap.parse_args(argv)
     try:
-        m = load_motion(args.file, args.fps, source_fps=args.source_fps, up=args.up)
+        m = load_motion(args.file, args.fps, source_fps=args.source_fps, up=args.up, joint_map=args.joint_map,
+                        units=args.units)
     except FmgsInputError as exc:
         print(f"error: {exc}")
         return 2
@@ -739,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
           f"file up axis {'+' if up_file[k] > 0 else '-'}{'xyz'[k]}, "
           f"betas {'none' if m.betas is None else m.betas.shape[0]}")
     print(f"  root translation (player world, m): min {np.round(world_t.min(0), 3)} max {np.round(world_t.max(0), 3)}")
+    for line in m.notes:
+        print(f"  {line}")
     return 0
 
 

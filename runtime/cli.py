@@ -5,6 +5,8 @@ Examples::
     fmgs-play runs/demo/bundle ../shared/data/motion/amass_samples/amass_repo__amass_sample.npz
     fmgs-play BUNDLE MOTION --headless --out clip.mp4 --size 512 --fps 30 --mode rgb
     fmgs-play BUNDLE MOTION --headless --out frames/ --frames 60 --mode semantic
+    fmgs-play BUNDLE take.bvh --joint-map rig.yaml        # BVH / ASF-AMC, retargeted to SMPL
+    fmgs-play BUNDLE udp://0.0.0.0:9870 [--headless --out live.mp4 --duration 60]   # live stream
 
 Without a display (no ``$DISPLAY``, or GLFW cannot open an OpenGL 4.3 window) the player
 says so and renders headless to ``--out`` (default ``<motion stem>.mp4``). At exit it
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmgs-play", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle folder written by fmgs-export")
-    p.add_argument("motion", help="motion file: AMASS .npz, AIST++ .pkl/.npz, SMPL (T,72) .npy/.npz")
+    p.add_argument("motion", help="motion file: AMASS .npz, AIST++ .pkl/.npz, SMPL (T,72) .npy/.npz, .bvh, .amc; "
+                                  "or a live stream udp://HOST:PORT (fmgs-stream packets) / vmc://HOST:PORT (VMC)")
     p.add_argument("--headless", action="store_true", help="render offscreen to --out (no window)")
     p.add_argument("--out", default=None, help="clip.mp4 or frames/ (headless; default <motion>.mp4)")
     p.add_argument("--size", type=int, nargs="+", default=[512], metavar="PX",
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--up", default=None, help="the motion file's up axis (+y, +z, ..., auto)")
     p.add_argument("--source-fps", type=float, default=None, help="the motion file's frame rate if it stores none")
+    p.add_argument("--joint-map", default=None, help="BVH/AMC: joint map preset or YAML/JSON {smpl_joint: source_joint}")
+    p.add_argument("--duration", type=float, default=None, help="live stream, headless: stop after this many seconds")
     return p
 
 
@@ -176,11 +181,25 @@ def _run(args) -> int:
     pipeline = AvatarPipeline(args.bundle, array_backend=args.arrays, inference_backend=args.inference,
                               providers=args.providers, threads=args.threads,
                               view_dependent=not args.no_view_dependence)
+    if args.motion.startswith(("udp://", "vmc://")):
+        from fmgs.runtime.live import run_live
+
+        print(f"fmgs-play: {pipeline.describe()}")
+        live_args = dict(pipeline=pipeline, width=width, height=height, mode=args.mode,
+                         background=tuple(args.background), precision=args.precision,
+                         follow=not args.no_follow, cull_backfaces=args.cull_backfaces, fast=args.fast,
+                         renderer=args.renderer, threads=args.render_threads)
+        return run_live(live_args, args.motion, rest_joints=pipeline.rest_joints, headless=args.headless,
+                        out=args.out, fps=args.fps, duration=args.duration, frames=args.frames,
+                        err=lambda s: print(s, file=sys.stderr))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        motion = load_motion(args.motion, fps=args.fps, source_fps=args.source_fps, up=args.up)
+        motion = load_motion(args.motion, fps=args.fps, source_fps=args.source_fps, up=args.up,
+                             rest_joints=pipeline.rest_joints, joint_map=args.joint_map)
     for w in caught:
         print(f"fmgs-play: warning: {w.message}", file=sys.stderr)
+    for line in motion.notes:
+        print(f"fmgs-play: {line}")
     print(f"fmgs-play: {pipeline.describe()}")
     print(f"fmgs-play: motion {motion.kind} {motion.num_frames} frames at {motion.fps:g} fps ({args.motion})")
     player_args = dict(pipeline=pipeline, motion=motion, width=width, height=height, mode=args.mode,
