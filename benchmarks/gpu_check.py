@@ -145,14 +145,6 @@ def entry_points() -> dict[str, str]:
     return dict(data["project"]["scripts"])
 
 
-def cli_command(python: str, script: str, *args) -> list[str]:
-    """Command line running console script ``script`` (e.g. ``fmgs-train``) without needing it on PATH."""
-    target = entry_points()[script]
-    launcher = ("import importlib, sys; m, f = sys.argv[1].split(':'); sys.argv = sys.argv[2:]; "
-                "sys.exit(getattr(importlib.import_module(m), f)())")
-    return [python, "-c", launcher, target, script, *map(str, args)]
-
-
 # ---------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     """The ``gpu_check`` argument parser (``run`` is the default sub-command)."""
@@ -399,10 +391,9 @@ def do_install(a: argparse.Namespace, work: Path, log: Path, deadline: float) ->
         if it["package"] == "cupy":
             spec = _cupy_spec(py)
         if not spec:
-            res["notes"].append(f"{it['package']}: {it['action']}")
-            continue
+            continue  # not installable: the plan says why
         if not net_ok:
-            res["notes"].append(f"{it['package']}: not installed ({net_msg})")
+            res["notes"].append(f"{it['package']}: not installed: {net_msg}")
             continue
         if it["package"] == "onnxruntime-gpu" and _dist_version("onnxruntime"):
             # both distributions own the 'onnxruntime' module: the CPU one must go first
@@ -564,9 +555,9 @@ def _install_step(a, work: Path, log: Path, deadline: float) -> dict:
         res = do_install(a, work, log, deadline)
     except Exception as exc:  # the report must still be written
         return {"status": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
-    missing = [n for n in res["notes"] if "not installed" in n or "failed" in n]
-    res["status"] = "passed" if not missing else "failed"
-    res["reason"] = None if not missing else f"{len(missing)} package(s) not installed"
+    failed = [n for n in res["notes"] if "pip failed" in n]
+    res["status"] = "passed" if not failed else "failed"
+    res["reason"] = None if not failed else "; ".join(failed)
     res["headline"] = f"{res['numbers']['pypi']}; {res['numbers']['project']}"
     return res
 
@@ -578,7 +569,8 @@ def _python_step(name: str, ctx: dict, work: Path, log: Path, box: float, env: d
     ctx = dict(ctx, step=name, time_box_s=box, started=time.time())
     write_json_atomic(cpath, ctx)
     cmd = [ctx["python"], str(REPO / "benchmarks" / "gpu_check_steps.py"), name, str(cpath), str(rpath)]
-    r = run_logged(cmd, box, log, env=env, cwd=REPO)
+    # not the checkout: its fmgs/ would shadow the package layout that maps fmgs.trainer -> trainer/
+    r = run_logged(cmd, box, log, env=env, cwd=work)
     res = {}
     if rpath.is_file():
         try:
