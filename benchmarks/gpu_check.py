@@ -502,6 +502,10 @@ def run_check(a: argparse.Namespace, argv: list[str]) -> int:
            "image_size": int(a.image_size), "play_size": int(a.play_size), "play_frames": int(a.play_frames),
            "python": sys.executable, "entry_points": entry_points(), "results": {}}
     env = dict(os.environ, PYTHONUNBUFFERED="1", FMGS_DATA=str(root), TQDM_DISABLE="1")
+    # the device machines' NVIDIA EGL vendor file (their README): glvnd's loader needs it named
+    nv_egl = Path("/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json")
+    if nv_egl.is_file():
+        env.setdefault("__EGL_VENDOR_LIBRARY_FILENAMES", str(nv_egl))
     steps = []
     for i, name in enumerate(STEPS):
         t0 = time.monotonic()

@@ -134,6 +134,18 @@ def gpu_skip_reason(ctx: dict) -> str | None:
     return why
 
 
+def gsplat_not_ready(ctx: dict) -> str | None:
+    """Why gsplat must not be imported here: its build failed or timed out earlier.
+
+    Importing gsplat without a finished build starts the whole nvcc JIT again (minutes),
+    which would eat this step's time-box; a build step skipped by flag is no verdict.
+    """
+    st = (ctx["results"].get("gsplat_build") or {}).get("status")
+    if st in ("failed", "timeout"):
+        return f"gsplat's CUDA extension is not available (gsplat_build {st})"
+    return None
+
+
 def rel(a, b) -> float:
     """||b - a|| / ||a|| in float64 (a: the CPU reference)."""
     import torch
@@ -312,7 +324,7 @@ def step_raster_parity(s: Step) -> None:
     import torch
 
     ctx = s.ctx
-    why = gpu_skip_reason(ctx)
+    why = gpu_skip_reason(ctx) or gsplat_not_ready(ctx)
     size = 128 if why else int(ctx["image_size"])
     t0 = time.perf_counter()
     scene, K, V, W, H, name = _posed_frame(ctx, size)
@@ -423,6 +435,10 @@ def step_train(s: Step) -> None:
     if why and not ctx["rehearse"]:
         s.set("skipped", f"{why}: a {its}-iteration backend=gsplat run needs CUDA + gsplat")
         return
+    if not why and gsplat_not_ready(ctx):
+        s.set("failed", f"{gsplat_not_ready(ctx)}: no backend=gsplat run")
+        _cpu_fallback_run(ctx, s, work)
+        return
     if why:  # CPU rehearsal of the same plumbing at toy size
         reh = work / "run_rehearsal"
         r = run(cli(ctx, "fmgs-train", "--out", reh, "--no-eval", f"train.iterations={REHEARSAL['iterations']}",
@@ -450,7 +466,11 @@ def step_train(s: Step) -> None:
         return
     msg = "timed out" if r["rc"] is None else f"exit {r['rc']}: {error_line(r['out'])}"
     s.set("failed", f"fmgs-train backend=gsplat {msg}")
-    # a short CPU run so that export and play still have something to work on
+    _cpu_fallback_run(ctx, s, work)
+
+
+def _cpu_fallback_run(ctx: dict, s: Step, work: Path) -> None:
+    """A short CPU run so that export and play still have something to work on."""
     fb = work / "run_cpu_fallback"
     r2 = run(cli(ctx, "fmgs-train", "--out", fb, "--no-eval", "train.iterations=10", "train.backend=cpu",
                  "data.image_size=256", "train.image_every=0", *data_overrides(ctx)), max(s.left(), 5))
