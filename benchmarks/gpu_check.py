@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rehearse", action="store_true",
                    help="with --dry-run: also run train/export/play on the CPU at toy sizes")
     r.add_argument("--out", type=Path, default=None, help="report folder (default $OUT, else gpu_check_out)")
-    r.add_argument("--work", type=Path, default=None, help="scratch folder for runs and bundles (default: a temp dir)")
+    r.add_argument("--work", type=Path, default=None,
+                   help="scratch folder for runs and bundles, kept (default: a temp dir, removed at the end)")
     r.add_argument("--stage", type=Path, default=REPO / STAGE_DIR, help=f"staged data and wheels ({STAGE_DIR})")
     r.add_argument("--data", type=Path, default=None,
                    help="data root (default: <stage>/data if staged, else $FMGS_DATA or ../shared/data)")
@@ -538,6 +539,8 @@ def run_check(a: argparse.Namespace, argv: list[str]) -> int:
         "data_root": str(root), "split": split, "steps": steps,
     }
     jpath, mpath = write_report(out, report)
+    if a.work is None:  # a scratch folder of our own: runs and bundles are not part of the report
+        shutil.rmtree(work, ignore_errors=True)
     print(f"gpu_check: {report['counts']} in {report['total_seconds']:.0f} s; wrote {jpath.name}, {mpath.name}, "
           f"{log.name} in {out}", flush=True)
     return 0

@@ -148,8 +148,6 @@ def gsplat_not_ready(ctx: dict) -> str | None:
 
 def rel(a, b) -> float:
     """||b - a|| / ||a|| in float64 (a: the CPU reference)."""
-    import torch
-
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
     den = float(a64.norm())
     return float((b64 - a64).norm()) / den if den > 0 else float((b64 - a64).norm())
@@ -300,8 +298,6 @@ def _render_and_grad(scene: dict, K, V, W: int, H: int, backend: str, device: st
     Depth is left out of the loss: gsplat uses the surfel centre depth per fragment where
     the CPU back-end uses the ray-plane intersection (documented in raster_gsplat).
     """
-    import torch
-
     from fmgs.trainer.rasterizer import rasterize_surfels
 
     leaves = {k: v.to(device).clone().requires_grad_(True) for k, v in scene.items()}
