@@ -458,8 +458,11 @@ def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     write_json_atomic(jpath, report)
     env = report["environment"]
     lines = [f"### GPU readiness check: {report['mode']} ({report['finished_utc'][:16].replace('T', ' ')} UTC)", "",
-             f"Machine: {env.get('nvidia_smi') or 'no NVIDIA GPU'}; {env.get('cpu_count')} CPU cores; "
-             f"Python {env.get('python')}.", "",
+             f"Machine: {env.get('nvidia_smi') or 'no NVIDIA GPU'}"
+             + (f" (torch sees {env['torch_device']}, compute capability {env.get('compute_capability')})"
+                if env.get("torch_device") else "")
+             + f"; {env.get('cpu_count')} CPU cores; Python {env.get('python')}"
+             + (f"; nvcc {env['nvcc']}" if env.get("nvcc") else "") + ".", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()) + ".", "",
              f"Command: `{report['command']}`; {report['total_seconds']:.0f} s of a {report['budget_s']:.0f} s "
              f"budget; {report['counts']}.", "",

@@ -186,7 +186,8 @@ def step_env(s: Step) -> None:
     import shutil
 
     env = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
-    smi = shutil.which("nvidia-smi")
+    smi = shutil.which("nvidia-smi") or next((p for p in ("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi")
+                                              if Path(p).is_file()), None)
     if smi:
         r = run([smi, "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"], 20)
         env["nvidia_smi"] = r["out"].strip().splitlines()[0] if r["rc"] == 0 and r["out"].strip() else \
@@ -698,33 +699,44 @@ def step_play(s: Step) -> None:
     if r["rc"] != 0:
         s.note(f"fmgs-play exit {r['rc']}: {error_line(r['out'])}")
     bj = work / "bench_play.json"
-    cmd = [ctx["python"], REPO / "benchmarks" / "bench_play.py", bundle, motion, "--size", size, "--frames", nfr,
-           "--warmup", 5 if why else 10, "--arrays", gpu["arrays"], "--inference", "auto", "--providers",
-           "cpu" if why else "auto", "--renderer", gpu["renderer"], "--isolate", 3 if why else 10, "--json", bj]
-    rb = run(cmd, max(min(s.left() - 30, 200), 10))
-    if rb["rc"] == 0 and bj.is_file():
-        b = json.loads(bj.read_text())
-        iso = b.get("isolated") or {}
-        s.num(fps=round(b["fps"], 1), mean_ms=round(b["mean_ms"], 2), p95_ms=round(b["p95_ms"], 2),
-              split_ms={k: round(v, 2) for k, v in b["split_ms"].items()}, describe=b.get("describe"),
-              renderer=b.get("renderer"), size=size,
-              isolated_ms={k: round(v["wall_ms"], 2) for k, v in iso.items() if isinstance(v, dict)})
-    else:
-        s.note(f"bench_play exit {rb['rc']}: {error_line(rb['out'])}")
-    if s.left() > 15:
+    # NumPy arrays as a second try: one CuPy bug must not hide the frame rate of the rest
+    tries = [gpu["arrays"]] + (["numpy"] if gpu["arrays"] != "numpy" else [])
+    for k, arrays in enumerate(tries):
+        cmd = [ctx["python"], REPO / "benchmarks" / "bench_play.py", bundle, motion, "--size", size, "--frames", nfr,
+               "--warmup", 5 if why else 10, "--arrays", arrays, "--inference", "auto", "--providers",
+               "cpu" if why else "auto", "--renderer", gpu["renderer"], "--isolate", 3 if why else 10, "--json", bj]
+        bj.unlink(missing_ok=True)
+        rb = run(cmd, max(min(s.left() - 30, 200 if k == 0 else 100), 10))
+        if rb["rc"] == 0 and bj.is_file():
+            b = json.loads(bj.read_text())
+            iso = b.get("isolated") or {}
+            s.num(fps=round(b["fps"], 1), mean_ms=round(b["mean_ms"], 2), p95_ms=round(b["p95_ms"], 2),
+                  split_ms={k: round(v, 2) for k, v in b["split_ms"].items()}, describe=b.get("describe"),
+                  renderer=b.get("renderer"), size=size, arrays=arrays,
+                  isolated_ms={k: round(v["wall_ms"], 2) for k, v in iso.items() if isinstance(v, dict)})
+            break
+        s.note(f"bench_play --arrays {arrays} exit {rb['rc']}: {error_line(rb['out'])}")
+        if s.left() < 40:
+            break
+    for arrays in tries:
+        if s.left() < 15:
+            break
         try:
-            s.num(parity_vs_cpu_path=_parity_cpu_vs_gpu(bundle, motion, size, gpu))
+            s.num(parity_vs_cpu_path=_parity_cpu_vs_gpu(bundle, motion, size, dict(gpu, arrays=arrays)))
+            break
         except Exception as exc:
-            s.note(f"parity with the CPU path failed: {exc.__class__.__name__}: {str(exc)[:200]}")
+            s.note(f"parity with the CPU path (arrays {arrays}) failed: {exc.__class__.__name__}: {str(exc)[:200]}")
     n = s.res["numbers"]
     par = n.get("parity_vs_cpu_path") or {}
-    head = (f"{n.get('fps')} FPS at {size}^2 ({n.get('renderer')} renderer, arrays {gpu['arrays']}); "
+    head = (f"{n.get('fps')} FPS at {size}^2 ({n.get('renderer')} renderer, arrays {n.get('arrays')}); "
             f"parity vs CPU path min PSNR {par.get('psnr_db_min')} dB")
     if why:
         s.set("skipped", f"GPU half: {why}", "CPU rehearsal: " + head)
         return
-    ok = r["rc"] == 0 and n.get("fps") is not None and (par.get("psnr_db_min") or 0) > 35.0
-    s.set("passed" if ok else "failed", None if ok else "see notes", head)
+    ok = (r["rc"] == 0 and n.get("arrays") == gpu["arrays"] and n.get("fps") is not None
+          and (par.get("psnr_db_min") or 0) > 35.0)
+    why_not = next((n for n in s.res["notes"] if "exit" in n or "failed" in n), "see notes")
+    s.set("passed" if ok else "failed", None if ok else why_not, head)
 
 
 STEP_FUNCS = {"env": step_env, "gsplat_build": step_gsplat_build, "raster_parity": step_raster_parity,
