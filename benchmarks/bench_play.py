@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     ap.add_argument("--no-ort-spin", action="store_true", help="disable ONNX Runtime's thread spinning")
     ap.add_argument("--arrays", default="auto")
+    ap.add_argument("--inference", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+                    help="model back-end (AvatarPipeline inference_backend)")
+    ap.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
+                    help="ONNX Runtime provider preference")
     ap.add_argument("--json", default=None, help="also write the summary here")
     args = ap.parse_args(argv)
 
@@ -161,9 +165,11 @@ def main(argv=None) -> int:
         bundle = export_small_bundle(model, surfels, dest)
         print(f"synthetic bundle: {bundle}")
     load = os.getloadavg()
-    pipe = AvatarPipeline(bundle, array_backend=args.arrays, threads=args.threads)
+    pipe = AvatarPipeline(bundle, array_backend=args.arrays, inference_backend=args.inference,
+                          providers=args.providers, threads=args.threads)
     motion = load_motion(args.motion, fps=30.0, source_fps=30.0 if args.motion.endswith(".npy") else None)
-    ctx = create_headless_context()
+    # the CPU renderer needs no OpenGL (GPU machines may lack the EGL loader)
+    ctx = None if args.renderer == "cpu" else create_headless_context()
     player = Player(pipe, motion, ctx, args.size, args.size, mode=args.mode, precision=args.precision,
                     cull_backfaces=args.cull_backfaces, fast=args.fast, primitive=args.primitive,
                     renderer=args.renderer, threads=args.render_threads)
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
     player.flush()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(pipe.describe())
-    print(f"renderer {player.renderer.kind}, GL: {ctx.info['GL_RENDERER']} | {args.size}x{args.size} {args.mode} precision {args.precision} "
+    print(f"renderer {player.renderer.kind}, GL: {ctx.info['GL_RENDERER'] if ctx else 'none'} | {args.size}x{args.size} {args.mode} precision {args.precision} "
           f"primitive {player.renderer.last_primitive} cull {player.cull_backfaces} fast {args.fast} "
           f"{'sync' if args.sync else 'overlapped'} ort-spin {'off' if args.no_ort_spin else 'default'} | "
           f"load average at start {load[0]:.2f} on {os.cpu_count()} cores")
