@@ -21,29 +21,32 @@ class FmgsInputError(ValueError):
         super().__init__(full)
 
 
-def run_cli(body, exit_codes: dict[type[BaseException], int] | None = None) -> int:
+def run_cli(body, exit_codes: dict[type[BaseException], int] | None = None, prog: str | None = None) -> int:
     """Run a command-line body and turn its outcome into an exit status, the same way for
-    every ``fmgs-*`` command: success 0; :class:`FmgsInputError` prints ``error: <message
-    naming the file or key>`` to stderr and gives 2 (no traceback); Ctrl-C gives 130.
+    every ``fmgs-*`` command: success 0 (or the int the body returns); :class:`FmgsInputError`
+    prints ``[prog: ]error: <message naming the file or key>`` to stderr and gives 2 (no
+    traceback); Ctrl-C gives 130.
 
     Args:
-        body: a callable without arguments (the command's work).
+        body: a callable without arguments (the command's work); may return an exit status.
         exit_codes: further exception types that print ``error: ...`` and give the status
             mapped here (e.g. a failed export check: 1).
+        prog: the command's name, put before ``error:``.
 
     Returns:
         The exit status.
     """
     import sys
 
+    head = f"{prog}: error: " if prog else "error: "
     try:
-        body()
+        rc = body()
     except FmgsInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{head}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except tuple(exit_codes or ()) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{head}{exc}", file=sys.stderr)
         return exit_codes[next(t for t in exit_codes if isinstance(exc, t))]
-    return 0
+    return rc if isinstance(rc, int) else 0

@@ -58,20 +58,27 @@ class VideoWriter:
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        """Finish the file: publish it (``ok``) or drop it (an aborted write leaves nothing)."""
+        """Finish the file: publish it (``ok``) or drop it (an aborted write leaves nothing).
+
+        Raises:
+            FmgsInputError: ``ok`` but no frame was written (an empty video is no result:
+                nothing is published).
+        """
         if self._ctx is None:
             return
         self._writer.close()
         ctx, self._ctx = self._ctx, None
         if ok and self.count:
             ctx.__exit__(None, None, None)
-        else:
-            ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            return
+        ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        if ok:
+            raise FmgsInputError("no frames were rendered; no video written", self.path)
 
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, traceback) -> bool:
         self.close(ok=exc_type is None)
         return False
 

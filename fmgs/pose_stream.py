@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from fmgs.errors import FmgsInputError
+from fmgs.errors import FmgsInputError, run_cli
 
 __all__ = [
     "MAGIC",
@@ -618,7 +618,8 @@ def stream_main(argv: list[str] | None = None) -> int:
                     help="testing: probability per frame of also sending a malformed datagram")
     ap.add_argument("--seed", type=int, default=0, help="testing: seed of --corrupt")
     args = ap.parse_args(argv)
-    try:
+
+    def go():
         from fmgs.motion import load_motion
 
         scheme, host, port = parse_stream_url(args.to)
@@ -641,12 +642,8 @@ def stream_main(argv: list[str] | None = None) -> int:
         print(f"fmgs-stream: {m.kind} {m.num_frames} frames at {m.fps:g} fps -> {args.to}", flush=True)
         send_motion(m, host, port, loop=args.loop, duration=args.duration, corrupt=args.corrupt, seed=args.seed,
                     log=lambda s: print(s, flush=True))
-    except FmgsInputError as exc:
-        print(f"fmgs-stream: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return run_cli(go, prog="fmgs-stream")
 
 
 if __name__ == "__main__":  # pragma: no cover

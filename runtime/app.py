@@ -353,37 +353,21 @@ def is_frames_dir(out: str | os.PathLike) -> bool:
     return s.endswith(("/", os.sep)) or Path(s).is_dir() or Path(s).suffix == ""
 
 
-def _publish(path: Path) -> None:
-    """Give a finished file the usual permissions (the atomic temporary file is 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:
-        pass
-
-
 class _Sink:
-    """MP4 (imageio-ffmpeg, written atomically) or a folder of PNGs (each written atomically)."""
+    """A video file (:class:`fmgs.media.VideoWriter`, published atomically) or a folder of PNGs
+    (each written atomically)."""
 
     def __init__(self, out, fps: float):
-        from fmgs.atomic import atomic_path
+        from fmgs.media import VideoWriter
 
         self.out = Path(out)
         self.frames_dir = is_frames_dir(out)
         self.count = 0
+        self._video = None
         if self.frames_dir:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._ctx = None
         else:
-            if self.out.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi", ".webm", ".gif"):
-                raise FmgsInputError("output must be a video file (.mp4) or a folder (frames/)", self.out)
-            import imageio.v2 as imageio
-
-            self._ctx = atomic_path(self.out)
-            tmp = self._ctx.__enter__()
-            kw = {"codec": "libx264", "quality": 8, "macro_block_size": 1} if self.out.suffix.lower() != ".gif" else {}
-            self._writer = imageio.get_writer(str(tmp), fps=fps, **kw)
+            self._video = VideoWriter(self.out, fps)
 
     def write(self, img: np.ndarray) -> None:
         if self.frames_dir:
@@ -393,25 +377,14 @@ class _Sink:
 
             with atomic_path(self.out / f"frame_{self.count:06d}.png") as tmp:
                 iio.imwrite(tmp, img)
-            _publish(self.out / f"frame_{self.count:06d}.png")
         else:
-            self._writer.append_data(img)
+            self._video.write(img)
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        if self._ctx is None:
-            return
-        self._writer.close()
-        if ok and self.count == 0:  # an empty video is no result: publish nothing
-            self._ctx.__exit__(RuntimeError, RuntimeError("no frames"), None)
-            self._ctx = None
-            raise FmgsInputError("no frames were rendered; no video written", self.out)
-        if ok:
-            self._ctx.__exit__(None, None, None)
-            _publish(self.out)
-        else:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        self._ctx = None
+        if self._video is not None:
+            video, self._video = self._video, None
+            video.close(ok)
 
 
 def run_headless(player_args: dict, out, frames: int | None = None, ctx=None, log=print) -> dict:

@@ -26,7 +26,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fmgs.errors import FmgsInputError
+from fmgs.errors import FmgsInputError, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -161,13 +161,7 @@ def _is_frames_out(out: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fmgs-play``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except FmgsInputError as exc:
-        print(f"fmgs-play: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lambda: _run(args), prog="fmgs-play")
 
 
 def _run(args) -> int:

@@ -172,3 +172,50 @@ def test_fuzzed_overrides_give_a_valid_config_or_a_clean_error(overrides):
         return
     assert isinstance(OmegaConf.to_object(cfg), Config)
     assert cfg.train.iterations >= 1 and cfg.data.image_size >= 16
+
+
+def _data_overrides(zju377, data_root):
+    return [f"data.root={zju377}", f"data.smpl_path={data_root}/body_models/smpl/SMPL_NEUTRAL.pkl",
+            f"data.parts_path={data_root}/body_models/smpl/smplh_parts_segm.pkl", "data.image_size=64"]
+
+
+@pytest.mark.parametrize("split, override", [
+    ("train", "data.train_range=[600,700]"),      # beyond the 570 frames of 377
+    ("test", "data.test_range=[569,570]"),        # one frame, but a step that still selects it ...
+])
+def test_split_selecting_no_frame_names_the_key(zju377, data_root, split, override):
+    from fmgs.trainer.engine.run import open_sequence
+
+    cfg = load_config(None, [*_data_overrides(zju377, data_root), override])
+    if split == "test":            # ... is fine; an out-of-range one is not
+        assert len(open_sequence(cfg, "test")) == 1
+        cfg = load_config(None, [*_data_overrides(zju377, data_root), "data.test_range=[1000,1200]"])
+    with pytest.raises(FmgsInputError, match=f"data.{split}_range"):
+        open_sequence(cfg, split)
+
+
+def test_preview_and_train_without_training_frames_write_nothing(zju377, data_root, tmp_path, capsys):
+    from fmgs.trainer.cli.main import train_main
+
+    args = [*_data_overrides(zju377, data_root), "data.train_range=[600,700]"]
+    assert train_main(["--preview", "--out", str(tmp_path / "p"), *args]) == 2
+    assert "data.train_range" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "preview").exists()
+    assert train_main(["--out", str(tmp_path / "t"), *args]) == 2
+    assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_missing_parts_file_is_an_error(zju377, data_root, tmp_path, capsys):
+    from fmgs.trainer.cli.main import train_main
+
+    bad = [*_data_overrides(zju377, data_root), f"data.parts_path={tmp_path}/nope.pkl"]
+    assert train_main(["--out", str(tmp_path / "t"), *bad]) == 2
+    assert "data.parts_path" in capsys.readouterr().err
+
+
+def test_ablate_with_no_variant_is_an_error(tmp_path, capsys):
+    from fmgs.trainer.cli.ablate import ablate_main
+
+    assert ablate_main(["--out", str(tmp_path / "a"), "--variants", ","]) == 2
+    assert "no ablation variant" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -312,6 +312,20 @@ def test_error_bad_camera_entry(fake, edit, words):
     assert str(p) in msg and words in msg and "frame_000001" in msg
 
 
+def test_error_intrinsics_of_another_image_size(fake):
+    """A calibration made for a 4x larger image (principal point beyond this one): refused by
+    the camera of that frame, naming the file and the frame."""
+    p = fake / "cameras.pkl"
+    cams = load_pickle(p)
+    cams["frame_000001"]["intrinsics"] = np.asarray(cams["frame_000001"]["intrinsics"], np.float64) * [[4], [4], [1]]
+    with open(p, "wb") as fh:
+        pickle.dump(cams, fh)
+    seq = HumanNeRFSequence(fake, split="all")
+    with pytest.raises(FmgsInputError) as exc:
+        seq.camera("frame_000001")
+    assert str(p) in str(exc.value) and "principal point" in str(exc.value) and "frame_000001" in str(exc.value)
+
+
 def test_error_frame_missing_from_mesh_infos(fake):
     p = fake / "mesh_infos.pkl"
     infos = load_pickle(p)

@@ -435,6 +435,10 @@ class HumanNeRFSequence:
         if cam is None:
             K, E, D = self._cam_raw[name]
             W, H = self._native_size(name)
+            if not (0.0 < K[0, 2] < W and 0.0 < K[1, 2] < H):
+                raise FmgsInputError(
+                    f"frame {name!r}: principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside its {W}x{H} "
+                    "image: the intrinsics do not belong to this image size", self.cameras_path)
             # The file's K is an OpenCV calibration (pixel centres at integer coordinates);
             # our renderers put pixel (i, j)'s centre at (j + 0.5, i + 0.5) (3DGS/gsplat), so
             # the principal point moves by +0.5 px. Undistortion keeps using the raw K.

@@ -89,19 +89,21 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     from tqdm import tqdm
 
     check_backend(cfg)
+    if not resume:
+        absolute_paths(cfg)
+    # The data is checked before the run folder is written: a bad split or path leaves nothing.
+    train_seq = open_sequence(cfg, "train")
+    test_seq = open_sequence(cfg, "test")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     if not resume:
-        absolute_paths(cfg)
         print(f"data: {cfg.data.root}")
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(int(cfg.train.seed))
     np.random.seed(int(cfg.train.seed))
 
-    train_seq = open_sequence(cfg, "train")
-    test_seq = open_sequence(cfg, "test")
     setup = build_setup(cfg, train_seq)
     model = build_model(cfg, setup, num_frames=len(train_seq))
     opt = make_optimizer(cfg, model)

@@ -698,13 +698,14 @@ def run_preview(cfg, out_dir: Path, evaluate: bool = True) -> dict:
     from fmgs.config import absolute_paths, save_config
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     absolute_paths(cfg)
-    save_config(cfg, out_dir / "config.yaml")
     acfg = aggregate_config(cfg)
     t0 = time.perf_counter()
     train_seq = open_sequence(cfg, "train")
+    test_seq = open_sequence(cfg, "test") if evaluate else None
     setup = build_setup(cfg, train_seq)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
     t_setup = time.perf_counter() - t0
     res = aggregate_sequence(setup, train_seq, acfg)
     _save_colors(out_dir / "aggregate.safetensors", res)
@@ -716,7 +717,6 @@ def run_preview(cfg, out_dir: Path, evaluate: bool = True) -> dict:
           f"(+{res.timings.get('load', 0):.1f} s decoding), {int(res.seen.sum())}/{res.colors.shape[0]} surfels "
           f"seen, {int(res.filled.sum())} filled -> {bundle}")
     if evaluate:
-        test_seq = open_sequence(cfg, "test")
         model = PreviewAvatar(setup.surfels, res.colors, float(cfg.surfels.init_opacity))
         metrics["heldout"] = evaluate_preview(model, setup, test_seq, cfg, cfg.eval.max_frames)
         print(f"preview held-out ({metrics['heldout']['num_frames']} frames): "
