@@ -48,6 +48,11 @@ class DataConfig:
         train_step: every n-th frame of the training range.
         test_range: ``[start, stop)`` frame indices of the held-out split.
         test_step: every n-th frame of the held-out range.
+        val_fraction: validation protocol: the last fraction of the training range leaves
+            training; every ``val_step``-th frame of it is the ``val`` split (screen settings
+            and choose defaults on it, ``fmgs-eval --split val``; report test frames once per
+            change). 0 = no validation split (train on the whole range).
+        val_step: every n-th frame of the validation part.
     """
 
     root: str = _DATA + "/zju_mocap/377"
@@ -61,6 +66,8 @@ class DataConfig:
     train_step: int = 1
     test_range: list[int] = field(default_factory=lambda: [455, 570])
     test_step: int = 5
+    val_fraction: float = 0.0
+    val_step: int = 5
 
 
 @dataclass
@@ -374,6 +381,8 @@ RANGES = {
     "data.image_size": (16, 8192, True, True),
     "data.train_step": (1, None, True, True),
     "data.test_step": (1, None, True, True),
+    "data.val_fraction": (0.0, 0.9, True, True),
+    "data.val_step": (1, None, True, True),
     "surfels.star_angle_deg": (-90.0, 90.0, True, True),
     "surfels.subdivisions": (0, 2, True, True),
     "surfels.scale_multiplier": (0.0, None, False, True),

@@ -312,6 +312,19 @@ def test_error_bad_camera_entry(fake, edit, words):
     assert str(p) in msg and words in msg and "frame_000001" in msg
 
 
+def test_validation_split_is_carved_from_the_end_of_the_training_range():
+    """val_fraction 0.1 of [0, 455): frames 409-454 leave training, every 5th validates."""
+    sc = SplitConfig.from_any({"val_fraction": 0.1})
+    assert sc.indices("train", 570) == list(range(0, 409))
+    assert sc.indices("val", 570) == list(range(409, 455, 5))
+    assert sc.indices("test", 570) == list(range(455, 570, 5))
+    assert not set(sc.indices("train", 570)) & set(sc.indices("val", 570))
+    plain = SplitConfig.from_any(None)
+    assert plain.indices("train", 570) == list(range(455)) and plain.indices("val", 570) == []
+    with pytest.raises(FmgsInputError):
+        SplitConfig.from_any({"val_fraction": 1.0})
+
+
 def test_error_intrinsics_of_another_image_size(fake):
     """A calibration made for a 4x larger image (principal point beyond this one): refused by
     the camera of that frame, naming the file and the frame."""

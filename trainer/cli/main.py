@@ -71,6 +71,8 @@ def train_main(argv: list[str] | None = None) -> int:
                     f"'fmgs-train --resume {run_dir}' or choose another --out", run_dir)
             train(cfg, run_dir, initialise=apply_init)
         if cfg.train.eval_at_end and not args.no_eval:
+            if cfg.data.val_fraction > 0:
+                evaluate(run_dir, max_frames=cfg.eval.max_frames, split="val")
             evaluate(run_dir, max_frames=cfg.eval.max_frames)
 
     return run_cli(go)
@@ -84,6 +86,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/eval)")
     ap.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N test frames (N >= 1)")
     ap.add_argument("--no-video", action="store_true")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="test frames (default) or the validation frames carved from the training range "
+                         "(data.val_fraction > 0; written to RUN_DIR/eval_val)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override over the run's config.yaml (repeatable), e.g. --set train.backend=cpu")
     args = ap.parse_args(argv)
@@ -92,7 +97,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         from fmgs.trainer.engine.evaluate import evaluate
 
         evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, video=not args.no_video,
-                 overrides=tuple(args.overrides))
+                 overrides=tuple(args.overrides), split=args.split)
 
     return run_cli(go)
 

@@ -55,12 +55,20 @@ class SplitConfig:
     Ranges are half-open ``[start, stop)``; ``stop`` is clipped to the number of frames.
     Defaults are the HumanNeRF monocular protocol for ZJU-MoCap (train 0-454 every frame,
     test 455-569 every 5th).
+
+    Validation (for choosing defaults without looking at test frames): with
+    ``val_fraction = f > 0`` the last ``f`` of the training range, ``[cut, stop)`` with
+    ``cut = start + floor((1 - f) (stop - start))``, leaves the training split; every
+    ``val_step``-th frame of it is the ``val`` split. Like the test split, it is the end of
+    the take (poses the training frames did not show).
     """
 
     train_range: tuple[int, int] = (0, 455)
     train_step: int = 1
     test_range: tuple[int, int] = (455, 570)
     test_step: int = 5
+    val_fraction: float = 0.0
+    val_step: int = 5
 
     @classmethod
     def from_any(cls, value) -> "SplitConfig":
@@ -75,11 +83,12 @@ class SplitConfig:
         if isinstance(value, cls):
             cfg = value
         elif isinstance(value, dict):
-            unknown = set(value) - {"train_range", "train_step", "test_range", "test_step"}
+            unknown = set(value) - {"train_range", "train_step", "test_range", "test_step", "val_fraction",
+                                    "val_step"}
             if unknown:
                 raise FmgsInputError(f"unknown split_config keys {sorted(unknown)}")
-            kw = {k: (tuple(int(x) for x in v) if k.endswith("range") else int(v))
-                  for k, v in value.items()}
+            kw = {k: (tuple(int(x) for x in v) if k.endswith("range") else
+                      float(v) if k == "val_fraction" else int(v)) for k, v in value.items()}
             cfg = cls(**kw)
         else:
             raise FmgsInputError(f"split_config must be a dict or SplitConfig, got {type(value)}")
@@ -87,16 +96,26 @@ class SplitConfig:
             rng, step = getattr(cfg, f"{name}_range"), getattr(cfg, f"{name}_step")
             if len(rng) != 2 or rng[0] < 0 or rng[1] < rng[0] or step < 1:
                 raise FmgsInputError(f"bad {name} split: range {rng}, step {step}")
+        if not 0.0 <= cfg.val_fraction < 1.0 or cfg.val_step < 1:
+            raise FmgsInputError(f"bad val split: fraction {cfg.val_fraction} (in [0, 1)), step {cfg.val_step}")
         return cfg
 
+    def val_cut(self) -> int:
+        """First frame number of the validation part of the training range (its stop when none)."""
+        a, b = self.train_range
+        return a + int(np.floor((1.0 - self.val_fraction) * (b - a))) if self.val_fraction > 0 else b
+
     def indices(self, split: str, num_frames: int) -> list[int]:
-        """Frame numbers of ``split`` ('train', 'test' or 'all') for ``num_frames`` frames."""
+        """Frame numbers of ``split`` ('train', 'val', 'test' or 'all') for ``num_frames`` frames."""
         if split == "all":
             return list(range(num_frames))
-        if split not in ("train", "test"):
-            raise FmgsInputError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        (a, b), s = getattr(self, f"{split}_range"), getattr(self, f"{split}_step")
-        return list(range(a, min(b, num_frames), s))
+        if split == "train":
+            return list(range(self.train_range[0], min(self.val_cut(), num_frames), self.train_step))
+        if split == "val":
+            return list(range(self.val_cut(), min(self.train_range[1], num_frames), self.val_step))
+        if split != "test":
+            raise FmgsInputError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}")
+        return list(range(self.test_range[0], min(self.test_range[1], num_frames), self.test_step))
 
 
 @dataclass

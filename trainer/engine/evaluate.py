@@ -68,7 +68,7 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
 
 
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
-             video: bool = True, overrides: tuple[str, ...] = ()) -> dict:
+             video: bool = True, overrides: tuple[str, ...] = (), split: str = "test") -> dict:
     """Render and score the test split of a trained run.
 
     Args:
@@ -77,6 +77,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         max_frames: evaluate only the first N test frames (None: the whole split; >= 1).
         video: also write ``video.mp4`` and ``modes.mp4``.
         overrides: ``key=value`` entries over the run's config (a misspelt key fails).
+        split: ``test`` (the held-out protocol) or ``val`` (the validation part of the
+            training range, ``data.val_fraction``; default output ``RUN_DIR/eval_val``).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -91,9 +93,11 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
 
     if max_frames is not None and (isinstance(max_frames, bool) or int(max_frames) < 1):
         raise FmgsInputError(f"--max-frames must be a positive number of frames, got {max_frames!r}")
-    run = load_run(run_dir, overrides, split="test")
+    if split not in ("test", "val"):
+        raise FmgsInputError(f"--split must be test or val, got {split!r}")
+    run = load_run(run_dir, overrides, split=split)
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
-    out_dir = Path(out_dir) if out_dir else run_dir / "eval"
+    out_dir = Path(out_dir) if out_dir else run_dir / ("eval" if split == "test" else f"eval_{split}")
     lpips = LPIPSMetric()
     if not lpips.available:
         print(f"LPIPS: not computed ({lpips.reason})")
@@ -141,7 +145,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         "run_dir": str(run_dir),
         "iteration": run.iteration,
         "train_minutes": round(run.elapsed_s / 60.0, 2),
-        "split": "test",
+        "split": split,
         "num_frames": len(per_frame),
         "resolution": [int(seq[0].image.shape[1]), int(seq[0].image.shape[0])],
         "background": list(cfg.data.background),
@@ -169,7 +173,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         for name, frames in (("video.mp4", sides), ("modes.mp4", modes)):
             write_video(out_dir / name, frames, fps=int(cfg.eval.video_fps))
     write_json_atomic(out_dir / "metrics.json", metrics)
-    print(f"held-out ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+    print(f"{split} ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     if metrics["semantic"]:
         s = metrics["semantic"]

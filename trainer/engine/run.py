@@ -30,7 +30,7 @@ MODELS: dict[str, type[AvatarModel]] = {cls.kind: cls for cls in (SurfelAvatar, 
 
 
 def open_sequence(cfg: DictConfig, split: str) -> HumanNeRFSequence:
-    """Open the configured HumanNeRF-format sequence for ``split`` ('train' | 'test').
+    """Open the configured HumanNeRF-format sequence for ``split`` ('train' | 'val' | 'test').
 
     Raises:
         FmgsInputError: missing or corrupt files (names the file), or a split that selects
@@ -41,12 +41,21 @@ def open_sequence(cfg: DictConfig, split: str) -> HumanNeRFSequence:
         d.root, split=split, image_size=int(d.image_size), background=tuple(d.background),
         undistort=bool(d.undistort), smpl_path=d.smpl_path,
         split_config={"train_range": tuple(d.train_range), "train_step": int(d.train_step),
-                      "test_range": tuple(d.test_range), "test_step": int(d.test_step)},
+                      "test_range": tuple(d.test_range), "test_step": int(d.test_step),
+                      "val_fraction": float(d.val_fraction), "val_step": int(d.val_step)},
     )
     if len(seq) == 0:
-        raise FmgsInputError(f"data.{split}_range {list(d[f'{split}_range'])} selects no frame: the sequence "
-                             f"has {len(seq.all_names)} frames (0-{len(seq.all_names) - 1})", d.root)
+        key = "train_range" if split == "val" else f"{split}_range"
+        what = f" with data.val_fraction={d.val_fraction}" if split != "test" and d.val_fraction else ""
+        raise FmgsInputError(f"data.{key} {list(d[key])}{what} selects no {split} frame: the sequence has "
+                             f"{len(seq.all_names)} frames (0-{len(seq.all_names) - 1})", d.root)
     return seq
+
+
+def heldout_split(cfg: DictConfig) -> str:
+    """The split that training-time evaluation uses: ``val`` when the config carves one
+    (``data.val_fraction > 0``; the validation protocol), else ``test``."""
+    return "val" if float(cfg.data.val_fraction) > 0 else "test"
 
 
 def check_backend(cfg: DictConfig) -> str:

@@ -26,7 +26,8 @@ from fmgs.config import absolute_paths, save_config
 from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from fmgs.trainer.engine.metrics import psnr
 from fmgs.trainer.engine.run import (
-    apply_lr_schedule, build_model, build_setup, check_backend, make_optimizer, open_sequence, quick_eval,
+    apply_lr_schedule, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
+    quick_eval,
 )
 
 
@@ -65,7 +66,8 @@ class _GracefulInterrupt:
 
 
 #: Signature of the optional initialisation hook of :func:`train`:
-#: ``(cfg, model, setup, train_seq, test_seq, run_dir) -> seconds spent`` (counted as training time).
+#: ``(cfg, model, setup, train_seq, heldout_seq, run_dir) -> seconds spent`` (counted as training
+#: time); ``heldout_seq`` is the validation split when the config has one, else the test split.
 InitHook = Callable[..., float]
 
 
@@ -93,7 +95,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
         absolute_paths(cfg)
     # The data is checked before the run folder is written: a bad split or path leaves nothing.
     train_seq = open_sequence(cfg, "train")
-    test_seq = open_sequence(cfg, "test")
+    split = heldout_split(cfg)
+    test_seq = open_sequence(cfg, split)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
@@ -177,7 +180,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
                 writer.add_image("train/gt_vs_render", side.permute(2, 0, 1), it)
             if eval_every and (it % eval_every == 0 or it == total):
                 q = quick_eval(model, setup, test_seq, cfg, int(tc.eval_frames))
-                writer.add_scalar("heldout/psnr", q["psnr"], it)
+                writer.add_scalar(f"{split}/psnr", q["psnr"], it)
+                q["split"] = split
                 with open(progress_file, "a") as f:
                     f.write(json.dumps({"iteration": it, "elapsed_s": round(elapsed, 2), **q}) + "\n")
                 t_last = time.perf_counter()  # do not count evaluation as training time
