@@ -70,7 +70,7 @@ RESERVE = {"env": 5, "install": 20, "gsplat_build": 30, "raster_parity": 25, "tr
            "export": 40, "play": 45}
 REPORT_RESERVE_S = 8.0
 STAGE_DIR = ".gpucheck"
-#: The gsplat release the adapter (trainer/raster_gsplat.py) was written against.
+#: The gsplat release the adapter (trainer/render/gsplat.py) was written against.
 GSPLAT_SPEC = "gsplat==1.5.3"
 #: PyPI wheels too large to carry (64 MiB) that are installed only when PyPI answers.
 #: TensorRT is absent on purpose: its ``-libs`` packages on PyPI are stub sdists that

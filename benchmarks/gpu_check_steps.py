@@ -297,7 +297,7 @@ def _render_and_grad(scene: dict, K, V, W: int, H: int, backend: str, device: st
     """Render on ``backend`` and back-propagate a fixed random weighting of rgb, alpha and normal.
 
     Depth is left out of the loss: gsplat uses the surfel centre depth per fragment where
-    the CPU back-end uses the ray-plane intersection (documented in raster_gsplat).
+    the CPU back-end uses the ray-plane intersection (documented in fmgs.trainer.render.gsplat).
     """
     from fmgs.trainer.render.dispatch import rasterize_surfels
 

@@ -288,7 +288,7 @@ def foundation_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: d
     W = baked.surfels["skin_weights"]
     cam = pose["camera_center"]
     from fmgs.trainer.models.fields import blend_lbs
-    from fmgs.trainer.models.foundation import frame_bone_transforms
+    from fmgs.trainer.models.base import frame_bone_transforms
 
     B = frame_bone_transforms(run.setup.smpl, run.setup.rest_joints, run.setup.canonical_G,
                               pose["poses"], pose["world_from_body"])

@@ -385,7 +385,7 @@ def test_box_bounds_are_conservative_and_tight():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gsplat_parity():
-    """CPU vs gsplat on CUDA. Differences documented in raster_gsplat: gsplat's fragment
+    """CPU vs gsplat on CUDA. Differences documented in fmgs.trainer.render.gsplat: gsplat's fragment
     depth is the centre depth (compare with loose depth tolerance), alpha clamp 0.999
     (opacities kept < 0.9 here), world-space normals (converted by the adapter)."""
     pytest.importorskip("gsplat")

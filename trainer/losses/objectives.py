@@ -16,7 +16,7 @@ regularisers   lambda_reg eq. 20 + lambda_skin L_skin + lambda_iso L_iso     --
 =============  ===========================================================  ==================
 
 A prior modality that is absent (None) simply leaves its group out. Default weights
-(``assets/configs/default.yaml``, ``loss`` section): 3DGS-Avatar's for mask (0.1), skinning
+(:class:`fmgs.config.LossConfig`): 3DGS-Avatar's for mask (0.1), skinning
 (10 -> 0.1 after 1k iterations) and isometry (1 on positions), as the paper says; the paper
 sets lambda_d, lambda_n, lambda_s, lambda_reg "through empirical validation" without giving
 them, so: the prior terms (depth ranking, normal prior) 0.05 as 2DGS's normal term, normal
