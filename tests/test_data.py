@@ -99,7 +99,7 @@ def test_default_splits(zju377):
     assert custom.indices == list(range(500, 570, 10))
     assert SplitConfig().indices("train", 100) == list(range(100))
     with pytest.raises(FmgsInputError):
-        HumanNeRFSequence(zju377, split="val")
+        HumanNeRFSequence(zju377, split="validation")
     with pytest.raises(FmgsInputError):
         HumanNeRFSequence(zju377, split_config={"train_stride": 2})
 
