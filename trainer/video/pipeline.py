@@ -94,7 +94,9 @@ def rasterize_silhouette(verts_cam: np.ndarray, faces: np.ndarray, K: np.ndarray
                          size: int) -> np.ndarray:
     """Binary silhouette of a mesh in a pinhole camera (OpenCV convention), by filling every
     projected triangle one by one (no z-test needed for a silhouette; one ``cv2.fillPoly``
-    call over all triangles would fill overlaps by the even-odd rule and leave holes).
+    call over all triangles would fill overlaps by the even-odd rule and leave holes). Pixels
+    whose centre is inside a triangle are set, and so are those its edges touch (cv2's
+    line rule), i.e. at most one pixel more around the outline.
 
     Args:
         verts_cam: (V, 3) camera-frame vertices (m), z > 0; faces: (T, 3) int;
