@@ -227,14 +227,15 @@ def fit_smpl(model: SMPLModel, K: np.ndarray, image_size: int, keypoints: np.nda
     small = [(4, 1), (4, 2), (5, 1), (5, 2)]
     quiet = [7, 8, 10, 11, 20, 21, 22, 23]
 
-    def forward():
+    def forward(with_sil: bool = True):
         v_sh = vt + sd @ betas
         j_rest = Jreg @ v_sh
         pose = torch.cat([torch.zeros(F, 3, dtype=dt), body], 1).view(F, 24, 3)
         G = forward_kinematics_torch(batch_axis_angle_to_matrix(pose), j_rest, parents)
         joints = G[..., :3, 3] + (G[..., :3, :3] @ j_rest[..., None])[..., 0]
-        Gv = torch.einsum("vb,fbij->fvij", Wt[all_v], G)
-        verts = (Gv[..., :3, :3] @ v_sh[all_v][..., None])[..., 0] + Gv[..., :3, 3]
+        sel = all_v if with_sil else all_v[:len(vid)]  # skinning the silhouette vertices is most of the cost
+        Gv = torch.einsum("vb,fbij->fvij", Wt[sel], G)
+        verts = (Gv[..., :3, :3] @ v_sh[sel][..., None])[..., 0] + Gv[..., :3, 3]
         R = batch_axis_angle_to_matrix(Rh)
         to_cam = lambda x: x @ R.transpose(1, 2) + Th[:, None]
         jc, vc = to_cam(joints), to_cam(verts)
@@ -256,7 +257,7 @@ def fit_smpl(model: SMPLModel, K: np.ndarray, image_size: int, keypoints: np.nda
         return uv[..., :2] / S
 
     def losses(stage):
-        pts, jc, sv, pose = forward()
+        pts, jc, sv, pose = forward(with_sil=stage >= 2 and masks is not None)
         L = {}
         r2 = ((project(pts) - kp) ** 2).sum(-1)
         w = vis * lw
@@ -311,7 +312,7 @@ def fit_smpl(model: SMPLModel, K: np.ndarray, image_size: int, keypoints: np.nda
         seconds[f"stage{stage}"] = time.perf_counter() - t0
     bar.close()
     with torch.no_grad():
-        pts, *_ = forward()
+        pts, *_ = forward(with_sil=False)
         err = ((project(pts) - kp) * S).norm(dim=-1)
         reproj = ((err * vis).sum(1) / vis.sum(1).clamp(min=1e-6)).numpy()
     poses = np.zeros((F, 72))
