@@ -36,7 +36,7 @@ def add_video_parser(sub) -> argparse.ArgumentParser:
                          "names), at the output size")
     pv.add_argument("--smpl-path", default=None, help="SMPL neutral model pickle")
     pv.add_argument("--fit-iters", type=int, nargs=3, default=None, metavar=("GLOBAL", "POSE", "SIL"),
-                    help="SMPL fit iterations per stage (default 80 200 120)")
+                    help="SMPL fit iterations per stage (default 80 250 60)")
     pv.add_argument("--unordered", action="store_true",
                     help="the image folder holds separate photos, not consecutive video frames "
                          "(no tracking, no temporal smoothing)")

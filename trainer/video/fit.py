@@ -74,11 +74,11 @@ class FitConfig:
     """Weights and schedule of :func:`fit_smpl` (defaults set on ZJU-MoCap 377 and
     PeopleSnapshot, see docs/benchmarks.md)."""
 
-    iters: tuple[int, int, int] = (80, 200, 120)
+    iters: tuple[int, int, int] = (80, 250, 60)
     lr: float = 0.03
     sigma: float = 0.05          # robust scale, fraction of the image side
     w_2d: float = 1.0
-    w_3d: float = 1.0
+    w_3d: float = 3.0
     sigma_3d: float = 0.2        # robust scale of the 3D hint, metres
     w_sil_in: float = 0.3
     w_sil_cover: float = 0.3
@@ -87,7 +87,7 @@ class FitConfig:
     w_betas: float = 1e-4
     w_acc: float = 0.2
     w_vel: float = 1e-3
-    sil_vertices: int = 800
+    sil_vertices: int = 400
     contour_points: int = 96
     seed: int = 0
 

@@ -333,16 +333,18 @@ def prepare_video(opt: PrepOptions) -> dict:
 
     smpl_path = opt.smpl_path or smpl_neutral_path()
     model = load_smpl(smpl_path)
+    from .fit import FitConfig, fit_smpl
+
+    cfg = FitConfig() if opt.fit_iters is None else FitConfig(iters=tuple(opt.fit_iters))
+    cfg_key = json.dumps(asdict(cfg), sort_keys=True)
     fit_file = p.state / "fit.npz"
-    if fit_file.is_file() and list(np.load(fit_file)["names"]) == names_k:
+    if (fit_file.is_file() and list(np.load(fit_file)["names"]) == names_k
+            and str(np.load(fit_file)["cfg"]) == cfg_key):
         z = np.load(fit_file)
         fit = dict(betas=z["betas"], poses=z["poses"], Rh=z["Rh"], Th=z["Th"],
                    reproj_px=z["reproj_px"])
         p.timings["fit_s"] = float(z["fit_s"])
     else:
-        from .fit import FitConfig, fit_smpl
-
-        cfg = FitConfig() if opt.fit_iters is None else FitConfig(iters=tuple(opt.fit_iters))
         small = np.stack([cv2.resize(m, (FIT_MASK_SIZE, FIT_MASK_SIZE),
                                      interpolation=cv2.INTER_AREA) for m in masks_k])
         t0 = time.perf_counter()
@@ -350,9 +352,10 @@ def prepare_video(opt: PrepOptions) -> dict:
                      progress=opt.progress)
         fit = dict(betas=r.betas, poses=r.poses, Rh=r.Rh, Th=r.Th, reproj_px=r.reproj_px)
         p.timings["fit_s"] = time.perf_counter() - t0
+        p.timings["fit_stages_s"] = r.seconds
         with atomic_path(fit_file) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, names=np.array(names_k), fit_s=p.timings["fit_s"], **fit)
+                np.savez(f, names=np.array(names_k), fit_s=p.timings["fit_s"], cfg=cfg_key, **fit)
 
     # ------------------------------------------------------------------ write
     from tqdm import tqdm
