@@ -132,21 +132,23 @@ def test_377_fit_quality_and_round_trip(prep377, zju377, smpl_path):
     rep = json.loads((prep377 / "fit_report.json").read_text())
     names = [f"frame_{i:06d}" for i in range(100, 124, 4)]
     assert sorted(rep["per_frame"]) == names and rep["frames"]["dropped"] == {}
-    # thresholds from measurements of this very test (4.8 px, IoU 0.75)
+    # thresholds from measurements of this very test (4.9 px, IoU 0.74)
     assert rep["summary"]["reproj_px_mean"] < 8.0
-    assert rep["summary"]["silhouette_iou_mean"] > 0.7   # measured 0.75
+    assert rep["summary"]["silhouette_iou_mean"] > 0.7   # measured 0.74
     import importlib.util
     import sys
 
+    from pathlib import Path
+
     spec = importlib.util.spec_from_file_location(
-        "bench_video_prep", prep377.parents[3].joinpath("x") if False else
-        __import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "bench_video_prep.py")
+        "bench_video_prep", Path(__file__).parents[1] / "benchmarks" / "bench_video_prep.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_video_prep"] = bench
     spec.loader.exec_module(bench)
     score = bench.zju(prep377, zju377)
-    assert score["mask_iou_mean"] > 0.9      # measured 0.93 (MediaPipe vs the dataset masks)
-    assert score["pa_mpjpe_mm"] < 130        # measured 104 mm on these 6 frames (short fit)
+    # MediaPipe vs the dataset masks: 0.905 here (6 frames 4 apart), 0.952 over all 570 frames
+    assert score["mask_iou_mean"] > 0.88
+    assert score["pa_mpjpe_mm"] < 130        # measured 107 mm on these 6 frames (short fit)
     # the folder round-trips through the HumanNeRF reader
     from fmgs.body_model import load_smpl
     from fmgs.pickle_io import load_pickle
@@ -198,8 +200,8 @@ def test_people_snapshot_clip(tmp_path, data_root, smpl_path):
                       "--no-progress"]) == 0
     rep = json.loads((out / "fit_report.json").read_text())
     assert rep["camera"]["undistorted"] and rep["frames"]["written"] == 5
-    assert rep["summary"]["reproj_px_mean"] < 5.0        # 256 px frames
-    assert rep["summary"]["silhouette_iou_mean"] > 0.7
+    assert rep["summary"]["reproj_px_mean"] < 4.0        # 256 px frames; measured 2.1
+    assert rep["summary"]["silhouette_iou_mean"] > 0.8   # measured 0.86
     from fmgs.body_model import axis_angle_to_matrix
     from fmgs.pickle_io import load_pickle
 
