@@ -78,7 +78,7 @@ class FitConfig:
     lr: float = 0.03
     sigma: float = 0.05          # robust scale, fraction of the image side
     w_2d: float = 1.0
-    w_3d: float = 3.0
+    w_3d: float = 1.0
     sigma_3d: float = 0.2        # robust scale of the 3D hint, metres
     w_sil_in: float = 0.3
     w_sil_cover: float = 0.3
