@@ -252,3 +252,15 @@ def test_bad_inputs_give_one_clear_error(tmp_path, zju377, smpl_path, capsys, ca
     assert not (out / "fit_report.json").exists() and not (out / "cameras.pkl").exists()
     if case == "foreign_out":
         assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_calibration_of_another_resolution(tmp_path):
+    """Same aspect ratio: K scaled (OpenCV pixel-centre rule); other aspect: one error."""
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"K": [[1000.0, 0, 959.5], [0, 1000, 539.5], [0, 0, 1]], "width": 1920, "height": 1080}))
+    cal = load_calibration(tmp_path / "c.json")
+    half = cal.for_frames(960, 540)
+    assert np.allclose(half.K, [[500, 0, 479.5], [0, 500, 269.5], [0, 0, 1]])
+    assert np.array_equal(cal.for_frames(1920, 1080).K, cal.K)
+    with pytest.raises(FmgsInputError, match="another aspect ratio"):
+        cal.for_frames(1080, 1080)

@@ -4,9 +4,9 @@ Torch-free. Frames are decoded with imageio's ffmpeg plugin (``imageio-ffmpeg``,
 dependency) or read from an image folder (sorted by name).
 
 Crop/resize policy (``size``): a non-square frame is centre-cropped to a square of its
-shorter side (the person of a selfie/turn-table video is near the centre; the crop keeps
-the full height of a portrait... or landscape frame's centre), then resized to
-``size x size`` (area averaging when shrinking). The intrinsics follow exactly (principal
+shorter side (the trainer works on square frames; a person filming themselves is usually
+near the centre, so the crop keeps the full height of a landscape frame and the middle of
+a portrait one), then resized to ``size x size`` (area averaging when shrinking). The intrinsics follow exactly (principal
 point shifted by the crop offset, everything scaled by ``size / side``). ``size=None``
 keeps the square crop at its native side.
 
@@ -50,11 +50,37 @@ class Calibration:
         K: (3, 3) float64 intrinsics in pixels of the raw frames (OpenCV convention).
         dist: (5,) float64 OpenCV k1 k2 p1 p2 k3, or None (no distortion).
         source: where it came from (file path or ``'fov=50'``), for the report.
+        size: (width, height) the calibration was made for, when the file says.
     """
 
     K: np.ndarray
     dist: np.ndarray | None
     source: str
+    size: tuple[int, int] | None = None
+
+    def for_frames(self, width: int, height: int) -> "Calibration":
+        """This calibration for frames of ``width x height``: unchanged when the size matches
+        or is unknown, scaled when only the resolution differs (same aspect ratio).
+
+        Raises:
+            FmgsInputError: another aspect ratio, or a principal point outside the frame
+                (the file does not belong to this video).
+        """
+        K = self.K
+        if self.size is not None and tuple(self.size) != (width, height):
+            w0, h0 = self.size
+            if abs(w0 * height - h0 * width) > max(w0, h0):
+                raise FmgsInputError(f"calibration is for {w0}x{h0} frames, the video is "
+                                     f"{width}x{height} (another aspect ratio)", self.source)
+            s = width / w0
+            K = K.copy()
+            K[:2, :2] *= s
+            K[:2, 2] = (K[:2, 2] + 0.5) * s - 0.5
+        if not (0 <= K[0, 2] <= width and 0 <= K[1, 2] <= height):
+            raise FmgsInputError(f"principal point ({K[0, 2]:.1f}, {K[1, 2]:.1f}) lies outside "
+                                 f"the {width}x{height} frames: not this video's camera",
+                                 self.source)
+        return Calibration(K, self.dist, self.source, (width, height))
 
 
 def _as_K(value, path) -> np.ndarray:
@@ -103,7 +129,10 @@ def load_calibration(path) -> Calibration:
                                  path) from None
         if not isinstance(data, dict) or "K" not in data:
             raise FmgsInputError(f"not a camera file: {kinds}", path)
-        return Calibration(_as_K(data["K"], path), _as_dist(data.get("dist"), path), str(path))
+        size = ((int(data["width"]), int(data["height"]))
+                if "width" in data and "height" in data else None)
+        return Calibration(_as_K(data["K"], path), _as_dist(data.get("dist"), path), str(path),
+                           size)
     from fmgs.pickle_io import load_pickle, to_numpy_tree
 
     data = to_numpy_tree(load_pickle(path))
@@ -114,7 +143,9 @@ def load_calibration(path) -> Calibration:
         if np.abs(rt).max() > 1e-9:
             raise FmgsInputError("camera_rt is not zero: only a camera at the world origin "
                                  "is supported", path)
-        return Calibration(K, _as_dist(data.get("camera_k"), path), str(path))
+        size = ((int(data["width"]), int(data["height"]))
+                if "width" in data and "height" in data else None)
+        return Calibration(K, _as_dist(data.get("camera_k"), path), str(path), size)
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         first = data[sorted(data)[0]]
         if "intrinsics" in first:

@@ -171,9 +171,7 @@ class _Prep:
     def calibration(self, src: FrameSource) -> Calibration:
         opt = self.opt
         if opt.camera:
-            cal = load_calibration(opt.camera)
-            # A calibration of another resolution is scaled when the aspect ratio matches.
-            return cal
+            return load_calibration(opt.camera).for_frames(src.width, src.height)
         return default_calibration(src.width, src.height, opt.fov, opt.focal)
 
     def detect(self, src: FrameSource, cal: Calibration):
@@ -220,9 +218,7 @@ class _Prep:
 
     def load_detections(self):
         names = sorted(p.stem for p in (self.state / "detect").glob("frame_*.npz"))
-        if self.opt.step or True:
-            sel = self.selected
-            names = [n for n in names if int(n[6:]) in sel] if sel is not None else names
+        names = [n for n in names if int(n[6:]) in self.selected]
         if len(names) < MIN_FRAMES:
             raise FmgsInputError(f"too few frames: {len(names)} selected, at least "
                                  f"{MIN_FRAMES} needed", self.opt.input)
