@@ -3,7 +3,10 @@
 ``fmgs-prep priors --sequence ROOT (--from-sapiens DIR | --sapiens-model PATH [...] |
 --from-body-model) [--out DIR] [--frames SPEC] [--normal-convention C] ...`` writes the
 per-frame priors of a HumanNeRF-format sequence in the format of :mod:`fmgs.priors`
-(documented in ``docs/priors.md``). Errors are printed as ``error: ...`` with exit status 2.
+(documented in ``docs/priors.md``).
+
+``fmgs-prep video INPUT --out SEQ [...]`` turns a raw video into a HumanNeRF-format sequence
+(:mod:`fmgs.trainer.video`). Errors are printed as ``error: ...`` with exit status 2.
 """
 from __future__ import annotations
 
@@ -203,7 +206,12 @@ def prep_main(argv: list[str] | None = None) -> int:
     pr.add_argument("--device", default="cpu", help="torch device for --sapiens-model")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace priors of another producer in --out")
+    from fmgs.trainer.video.cli import add_video_parser, run_video
+
+    add_video_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "video":
+        return run_cli(lambda: run_video(args))
 
     def go():
         from fmgs.trainer.data.humannerf import HumanNeRFSequence

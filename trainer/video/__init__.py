@@ -1,0 +1,2 @@
+"""``fmgs-prep video``: own monocular video -> HumanNeRF-format sequence (masks, BlazePose
+keypoints, SMPL fit), offline. See :mod:`.pipeline`."""
