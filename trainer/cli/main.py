@@ -79,7 +79,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """``fmgs-eval RUN_DIR [--out DIR] [--max-frames N] [--no-video]``."""
+    """``fmgs-eval RUN_DIR [--out DIR] [--max-frames N] [--no-video] [--split test|val]
+    [--refine-poses N]``."""
     ap = argparse.ArgumentParser(prog="fmgs-eval",
                                  description="Render a trained avatar's held-out frames and write metrics, images and a video.")
     ap.add_argument("run_dir", type=Path)
@@ -91,13 +92,25 @@ def eval_main(argv: list[str] | None = None) -> int:
                          "(data.val_fraction > 0; written to RUN_DIR/eval_val)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override over the run's config.yaml (repeatable), e.g. --set train.backend=cpu")
+    ap.add_argument("--refine-poses", type=int, default=0, metavar="N",
+                    help="test-time pose refinement: N Adam steps per frame fitting its SMPL pose to its image "
+                         "with the avatar frozen before scoring (the monocular-video protocol of InstantAvatar/"
+                         "3DGS-Avatar on PeopleSnapshot); written to RUN_DIR/eval_refined")
+    ap.add_argument("--refine-lr", type=float, nargs=2, default=None, metavar=("POSE", "TRANSLATION"),
+                    help="learning rates of the pose (rad) and translation (m) refinement")
     args = ap.parse_args(argv)
+    if args.refine_poses < 0:
+        ap.error("--refine-poses must be >= 0")
 
     def go():
         from fmgs.trainer.engine.evaluate import evaluate
+        from fmgs.trainer.engine.refine import RefineSettings
 
+        refine = RefineSettings(iterations=args.refine_poses)
+        if args.refine_lr:
+            refine = RefineSettings(args.refine_poses, *args.refine_lr)
         evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, video=not args.no_video,
-                 overrides=tuple(args.overrides), split=args.split)
+                 overrides=tuple(args.overrides), split=args.split, refine=refine)
 
     return run_cli(go)
 

@@ -14,6 +14,7 @@ Writes into ``RUN_DIR/eval/`` (or ``--out``):
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from fmgs.atomic import write_json_atomic
 from fmgs.errors import FmgsInputError
 from fmgs.media import write_video
 from fmgs.trainer.engine.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
-from fmgs.trainer.engine.run import heldout_renders, load_run
+from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
+from fmgs.trainer.engine.run import heldout_renders, load_run, render_frame
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -67,8 +69,20 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
     return [np.where(fg[..., None], p, 0).astype(np.uint8) for p in panels]
 
 
+def _refined_renders(model, setup, seq, cfg, indices, refine: RefineSettings):
+    """``((frame, stats), render)`` for each frame: its pose refined against its image
+    (:func:`refine_frame_pose`), then rendered without gradients at the refined pose."""
+    from tqdm import tqdm
+
+    for i in tqdm(list(indices), desc="eval (refining poses)", unit="frame"):
+        fr, st = refine_frame_pose(model, setup, seq[int(i)], cfg, refine)
+        with torch.no_grad():
+            yield (fr, st), render_frame(model, setup, fr, cfg)
+
+
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
-             video: bool = True, overrides: tuple[str, ...] = (), split: str = "test") -> dict:
+             video: bool = True, overrides: tuple[str, ...] = (), split: str = "test",
+             refine: RefineSettings | None = None) -> dict:
     """Render and score the test split of a trained run.
 
     Args:
@@ -79,6 +93,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         overrides: ``key=value`` entries over the run's config (a misspelt key fails).
         split: ``test`` (the held-out protocol) or ``val`` (the validation part of the
             training range, ``data.val_fraction``; default output ``RUN_DIR/eval_val``).
+        refine: test-time pose refinement of every scored frame before rendering it
+            (:mod:`fmgs.trainer.engine.refine`; a different protocol: the default output
+            folder gets a ``_refined`` suffix and ``metrics.json`` records the settings).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -97,7 +114,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         raise FmgsInputError(f"--split must be test or val, got {split!r}")
     run = load_run(run_dir, overrides, split=split)
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
-    out_dir = Path(out_dir) if out_dir else run_dir / ("eval" if split == "test" else f"eval_{split}")
+    refining = refine is not None and refine.iterations > 0
+    default_out = ("eval" if split == "test" else f"eval_{split}") + ("_refined" if refining else "")
+    out_dir = Path(out_dir) if out_dir else run_dir / default_out
     lpips = LPIPSMetric()
     if not lpips.available:
         print(f"LPIPS: not computed ({lpips.reason})")
@@ -115,12 +134,20 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     confusion = None
     images: list[tuple[str, np.ndarray, np.ndarray]] = []
     t0 = time.perf_counter()
-    for i, (fr, out) in enumerate(heldout_renders(model, setup, seq, cfg, range(n), progress=True)):
+    renders = (_refined_renders(model, setup, seq, cfg, range(n), refine) if refining
+               else heldout_renders(model, setup, seq, cfg, range(n), progress=True))
+    refine_stats = []
+    for i, (fr, out) in enumerate(renders):
         times.append(time.perf_counter() - t0)
+        if refining:
+            fr, st = fr
+            refine_stats.append(st)
         pred = out.rgb.clamp(0, 1).numpy()
         gt = fr.image
         rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt)}
         rec["lpips"] = lpips(pred, gt) if lpips.available else None
+        if refining:
+            rec["pose_refinement"] = refine_stats[-1]
         if sem_labels is not None and sem_labels[i] is not None and out.extras is not None:
             cm = semantic_confusion(out.extras.numpy(), out.alpha.numpy(), sem_labels[i], out.extras.shape[-1])
             rec["semantic_accuracy"] = semantic_scores(cm)["pixel_accuracy"]
@@ -154,6 +181,11 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         "lpips": mean("lpips"),
         "lpips_note": None if lpips.available else lpips.reason,
         "render_seconds_per_frame": float(np.mean(times)) if times else None,
+        # test-time pose refinement (None: each frame is rendered at its own pose)
+        "pose_refinement": None if not refining else {
+            **dataclasses.asdict(refine),
+            "mean_rotation_deg": float(np.mean([r["rotation_deg"] for r in refine_stats])),
+            "mean_translation_mm": float(np.mean([r["translation_mm"] for r in refine_stats]))},
         # rendered part labels vs the priors' part labels (foreground pixels of the frames
         # that have priors); None without a semantic field or priors for the test frames
         "semantic": None if confusion is None else {
@@ -173,7 +205,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         for name, frames in (("video.mp4", sides), ("modes.mp4", modes)):
             write_video(out_dir / name, frames, fps=int(cfg.eval.video_fps))
     write_json_atomic(out_dir / "metrics.json", metrics)
-    print(f"{split} ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+    print(f"{split}{' (poses refined)' if refining else ''} ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     if metrics["semantic"]:
         s = metrics["semantic"]

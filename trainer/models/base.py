@@ -83,6 +83,45 @@ def frame_bone_transforms(
                            smpl.parents, np.linalg.inv(canonical_G))[1]
 
 
+def bone_transforms_torch(
+    theta: torch.Tensor,
+    rest_joints: np.ndarray,
+    canonical_G: np.ndarray,
+    world_from_body,
+    parents=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable :func:`frame_bone_transforms`: local rotations and world-from-canonical
+    bone transforms from a pose tensor (gradients reach ``theta`` and ``world_from_body``).
+
+    ``R_b = exp([theta_b]_x)``, ``G_pose =`` forward kinematics of ``R`` on the rest joints,
+    ``B_b = world_from_body @ G_pose_b @ inv(G_canonical_b)`` (3DGS-Avatar convention).
+
+    Args:
+        theta: ``(72,)`` SMPL axis-angle, radians (tensor; its dtype and device are used).
+        rest_joints: ``(24, 3)`` float64 shaped rest-pose joints, metres (body frame).
+        canonical_G: ``(24, 4, 4)`` float64 relative bone transforms of the canonical pose.
+        world_from_body: ``(4, 4)`` rigid body -> world transform (array or tensor).
+        parents: kinematic tree (default SMPL's).
+
+    Returns:
+        ``(rot (24, 3, 3), B (24, 4, 4))`` in ``theta``'s dtype.
+    """
+    from fmgs.body_model import NUM_JOINTS
+    from fmgs.trainer.models.fields import SMPL_PARENTS, so3_exp
+    from fmgs.trainer.models.smpl_torch import forward_kinematics_torch
+
+    dtype, dev = theta.dtype, theta.device
+    rot = so3_exp(theta.reshape(NUM_JOINTS, 3))
+    J = torch.as_tensor(np.asarray(rest_joints, np.float64), dtype=dtype, device=dev)
+    G_pose = forward_kinematics_torch(rot, J, SMPL_PARENTS if parents is None else parents)
+    G_inv = torch.as_tensor(np.linalg.inv(np.asarray(canonical_G, np.float64)), dtype=dtype, device=dev)
+    if torch.is_tensor(world_from_body):
+        W = world_from_body.to(dtype=dtype, device=dev)
+    else:
+        W = torch.as_tensor(np.asarray(world_from_body, np.float64), dtype=dtype, device=dev)
+    return rot, W[None] @ G_pose @ G_inv
+
+
 class AvatarModel(nn.Module):
     """Base class of the avatars.
 
@@ -139,6 +178,19 @@ class AvatarModel(nn.Module):
             semantic: also evaluate semantic outputs when the model has them.
         """
         raise NotImplementedError
+
+    def pose_at(self, frame, setup: AvatarSetup, theta: torch.Tensor, world_from_body: torch.Tensor) -> Posed:
+        """Differentiable posing at an explicit SMPL pose (test-time pose refinement,
+        :mod:`fmgs.trainer.engine.refine`): like :meth:`pose` for a held-out frame, but the
+        pose comes from ``theta`` and ``world_from_body`` so gradients reach them.
+
+        Args:
+            frame: the frame (its camera).
+            setup: the subject.
+            theta: ``(72,)`` float32 SMPL axis-angle, radians.
+            world_from_body: ``(4, 4)`` float32 body -> world transform (metres).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be posed differentiably")
 
     def render(self, posed: Posed, camera, cfg) -> RenderOutput:
         """Rasterise ``posed`` at ``camera`` (:func:`fmgs.trainer.render.dispatch.render_posed`)

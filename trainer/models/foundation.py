@@ -36,7 +36,8 @@ from torch import nn
 
 from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
-from fmgs.trainer.models.base import AvatarModel, AvatarSetup, frame_bone_transforms, inverse_sigmoid
+from fmgs.trainer.models.base import (AvatarModel, AvatarSetup, bone_transforms_torch, frame_bone_transforms,
+                                      inverse_sigmoid)
 from fmgs.trainer.models.fields import blend_lbs, sh_basis
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
@@ -177,6 +178,12 @@ class SurfelAvatar(AvatarModel):
                                   frame.world_from_body)
         return self(torch.as_tensor(B, dtype=torch.float32),
                     torch.as_tensor(frame.camera.center, dtype=torch.float32))
+
+    def pose_at(self, frame, setup: AvatarSetup, theta: torch.Tensor, world_from_body: torch.Tensor) -> PosedSurfels:
+        """:meth:`forward` at an explicit pose; gradients reach ``theta (72,)`` and
+        ``world_from_body (4, 4)`` (:func:`~fmgs.trainer.models.base.bone_transforms_torch`)."""
+        _, B = bone_transforms_torch(theta, setup.rest_joints, setup.canonical_G, world_from_body)
+        return self(B, torch.as_tensor(frame.camera.center, dtype=theta.dtype))
 
     def bundle_info(self) -> dict:
         """SH degree and view dependence of the colour."""

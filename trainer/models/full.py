@@ -49,7 +49,7 @@ from fmgs.config import FullSettings, HashGridSettings
 from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.coordinated import coordinated_backward
 from fmgs.trainer.losses.objectives import full_loss_groups
-from fmgs.trainer.models.base import AvatarModel, AvatarSetup, inverse_sigmoid
+from fmgs.trainer.models.base import AvatarModel, AvatarSetup, bone_transforms_torch, inverse_sigmoid
 from fmgs.body_model import NUM_JOINTS
 from fmgs.priors import NUM_SAPIENS_CLASSES
 from fmgs.trainer.models.fields import (
@@ -66,10 +66,8 @@ from fmgs.trainer.models.fields import (
     blend_lbs,
     canonicalize_view_dirs,
     normalize_canonical_joints,
-    so3_exp,
 )
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, HashLookup, _WeightedGather, normalize_to_bbox
-from fmgs.trainer.models.smpl_torch import forward_kinematics_torch
 
 __all__ = ["FullModelConfig", "FullPosed", "FMGSAvatar", "pose_frame", "canonical_pose_joints"]
 
@@ -296,12 +294,7 @@ def pose_frame(
     theta = theta.to(device=dev, dtype=dtype).reshape(1, NUM_JOINTS * 3)
     if pose_correction is not None and frame_id is not None:
         theta = pose_correction(torch.tensor([int(frame_id)], device=theta.device), theta)
-    rot = so3_exp(theta.reshape(NUM_JOINTS, 3))
-    J = torch.as_tensor(np.asarray(rest_joints, np.float64), dtype=dtype, device=rot.device)
-    G_pose = forward_kinematics_torch(rot, J, parents)
-    G_inv = torch.as_tensor(np.linalg.inv(np.asarray(canonical_G, np.float64)), dtype=dtype, device=rot.device)
-    W = torch.as_tensor(np.asarray(world_from_body, np.float64), dtype=dtype, device=rot.device)
-    return rot, W[None] @ G_pose @ G_inv
+    return bone_transforms_torch(theta.reshape(-1), rest_joints, canonical_G, world_from_body, parents)
 
 
 # =========================================================================== the model
@@ -615,6 +608,14 @@ class FMGSAvatar(AvatarModel):
         return self(rot, B, torch.as_tensor(frame.camera.center, dtype=torch.float32),
                     torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training,
                     semantic=semantic)
+
+    def pose_at(self, frame, setup: AvatarSetup, theta: torch.Tensor, world_from_body: torch.Tensor) -> FullPosed:
+        """:meth:`forward` at an explicit pose (no per-frame correction, no semantic outputs);
+        gradients reach ``theta (72,)`` and ``world_from_body (4, 4)``."""
+        rot, B = bone_transforms_torch(theta, setup.rest_joints, setup.canonical_G, world_from_body)
+        return self(rot, B, torch.as_tensor(frame.camera.center, dtype=theta.dtype),
+                    torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=theta.dtype), training=False,
+                    semantic=False)
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
         """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`)."""
