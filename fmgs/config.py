@@ -139,6 +139,8 @@ class FullSettings:
             iteration, in (0, 1] (1 = all).
         semantic_field: semantic field, eq. 8.
         pose_correction: learnable per-frame pose correction theta_p.
+        pose_correction_every: training frames between the correction's knots (piecewise
+            linear in time; 1 = one correction per frame, the paper).
         pose_noise_std: training pose augmentation N(0, std^2) on the encoder's rotation entries ...
         pose_noise_p: ... applied with this probability per iteration (3DGS-Avatar).
         max_displacement: soft bound (m) of the field's normal displacement delta_d,
@@ -154,6 +156,7 @@ class FullSettings:
     skinning_subset: float = 0.25
     semantic_field: bool = True
     pose_correction: bool = True
+    pose_correction_every: int = 1
     pose_noise_std: float = 0.1
     pose_noise_p: float = 0.5
     max_displacement: float = 0.02
@@ -399,6 +402,7 @@ RANGES = {
     "model.full.appearance_hidden": (0, 16, True, True),
     "model.full.skinning_subset": (0.0, 1.0, False, True),
     "model.full.pose_noise_std": (0.0, None, True, True),
+    "model.full.pose_correction_every": (1, None, True, True),
     "model.full.pose_noise_p": (0.0, 1.0, True, True),
     "model.full.max_displacement": (0.0, None, True, True),
     "init.depth_tolerance": (0.0, None, True, True),

@@ -307,6 +307,28 @@ def test_pose_correction_starts_at_zero_and_learns_per_frame():
     assert touched.tolist() == [False, True, False, True, False]
 
 
+def test_pose_correction_knots_interpolate_linearly_in_the_frame_index():
+    """every=4 over 10 frames: knots at frames 0, 4, 8, 12 (4 rows); frame f gets the
+    linear interpolation of its two knots (checked against a float64 NumPy reference at
+    every frame), knot frames get the knot itself, and a frame's gradient reaches only its
+    two knots with weights (1 - a, a)."""
+    pc = PoseCorrection(10, every=4).double()
+    assert pc.delta.shape == (4, 24, 3) and pc.num_frames == 10
+    D = np.random.default_rng(3).normal(size=(4, 24, 3))
+    with torch.no_grad():
+        pc.delta.copy_(torch.as_tensor(D))
+    got = pc.correction(torch.arange(10)).detach().numpy()
+    for f in range(10):
+        i, a = f // 4, (f % 4) / 4.0
+        np.testing.assert_allclose(got[f], (1 - a) * D[i] + a * D[i + 1], atol=1e-15)
+    np.testing.assert_array_equal(got[8], D[2])
+    poses = torch.zeros(1, 72, dtype=torch.float64)
+    pc(torch.tensor([5]), poses).sum().backward()
+    np.testing.assert_allclose(pc.delta.grad[:, 0, 0].numpy(), [0.0, 0.75, 0.25, 0.0], atol=1e-15)
+    with pytest.raises(ValueError, match="every"):
+        PoseCorrection(10, every=0)
+
+
 # --------------------------------------------------------------------------- LBS
 def test_blend_lbs_rigid_bone_and_orthonormal_frames():
     centers, rots, _ = surfel_batch(50, seed=1)

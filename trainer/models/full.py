@@ -173,6 +173,7 @@ class FullModelConfig:
     use_semantic_field: bool = True
     use_pose_correction: bool = True
     num_frames: int = 1
+    pose_correction_every: int = 1
 
     @classmethod
     def from_run_config(cls, cfg, num_frames: int) -> "FullModelConfig":
@@ -191,6 +192,7 @@ class FullModelConfig:
             appearance_hidden=int(f.appearance_hidden), skinning_query=str(f.skinning_query),
             skinning_subset=float(f.skinning_subset),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
+            pose_correction_every=int(f.pose_correction_every),
             static_offsets=bool(f.static_offsets), max_displacement=float(f.max_displacement),
             pose_noise_std=float(f.pose_noise_std), pose_noise_p=float(f.pose_noise_p),
             init_opacity=float(cfg.surfels.init_opacity))
@@ -373,7 +375,8 @@ class FMGSAvatar(AvatarModel):
         # saved in checkpoints so that a resumed run continues exactly.
         self.register_buffer("skin_cache", torch.zeros(n, self.skin_weights.shape[1], dtype=f32))
         self.register_buffer("skin_cache_valid", torch.zeros((), dtype=torch.bool))
-        self.pose_correction = PoseCorrection(int(cfg.num_frames)) if cfg.use_pose_correction else None
+        self.pose_correction = (PoseCorrection(int(cfg.num_frames), every=int(cfg.pose_correction_every))
+                                if cfg.use_pose_correction else None)
         self.opacity_logit = nn.Parameter(torch.full((n,), inverse_sigmoid(cfg.init_opacity), dtype=f32))
         if cfg.static_offsets:
             self.displacement = nn.Parameter(torch.zeros(n, dtype=f32))            # metres, along n
@@ -399,9 +402,11 @@ class FMGSAvatar(AvatarModel):
                 "semantic_field": self.semantic_field is not None, "sh_degree": int(self.appearance_field.sh_degree)}
 
     def describe(self) -> dict:
-        """``kind`` and ``num_frames`` (rows of the pose correction; 0 without one)."""
-        return {"kind": self.kind,
-                "num_frames": 0 if self.pose_correction is None else int(self.pose_correction.delta.shape[0])}
+        """``kind``, ``num_frames`` (training frames of the pose correction; 0 without one) and
+        the correction's knot spacing ``pose_correction_every``."""
+        pc = self.pose_correction
+        return {"kind": self.kind, "num_frames": 0 if pc is None else int(pc.num_frames),
+                "pose_correction_every": 1 if pc is None else int(pc.every)}
 
     def _grids(self) -> list[HashGrid]:
         return [g for g in (self.geometry_grid, self.appearance_grid, self.semantic_grid) if g is not None]
