@@ -264,3 +264,27 @@ def test_calibration_of_another_resolution(tmp_path):
     assert np.array_equal(cal.for_frames(1920, 1080).K, cal.K)
     with pytest.raises(FmgsInputError, match="another aspect ratio"):
         cal.for_frames(1080, 1080)
+
+
+def test_other_people_are_dropped_and_counted():
+    """Two people-sized discs and a speck: the disc under the tracked landmarks is kept,
+    the other disc counts as another person-sized region, the speck does not."""
+    import cv2
+
+    from fmgs.trainer.video.pipeline import _largest_person_component, other_regions
+
+    m = np.zeros((200, 200), np.uint8)
+    cv2.circle(m, (50, 100), 30, 1, -1)
+    cv2.circle(m, (150, 100), 25, 1, -1)
+    m[5:7, 5:7] = 1
+    kp = np.zeros((33, 3), np.float32)
+    kp[:10] = [50, 100, 0.9]
+    kept = _largest_person_component(m, kp)
+    assert kept[100, 50] == 1 and kept[100, 150] == 0 and kept[6, 6] == 0
+    assert other_regions(m, kept) == 1
+    kp[:10] = [150, 100, 0.9]
+    kept = _largest_person_component(m, kp)
+    assert kept[100, 150] == 1 and kept[100, 50] == 0
+    assert other_regions(m, kept) == 1
+    solo = kept.copy()
+    assert other_regions(solo, kept) == 0

@@ -62,6 +62,24 @@ LANDMARK_MAP = [
 ]
 TORSO = [11, 12, 23, 24]  # BlazePose shoulders and hips
 
+#: Virtual landmarks appended after BlazePose's 33: the midpoint of the index and pinky
+#: knuckles (MCP) of each hand, where SMPL's hand joints (22 left, 23 right) sit; they give
+#: the wrist rotation that the wrist landmark alone leaves free. (index, landmark a, b)
+VIRTUAL_LANDMARKS = [(33, 17, 19), (34, 18, 20)]
+HAND_MAP = [(33, "j", 22, 0.5), (34, "j", 23, 0.5)]
+
+
+def with_virtual_landmarks(keypoints: np.ndarray, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Append :data:`VIRTUAL_LANDMARKS` to ``(F, 33, 3)`` keypoints (``u, v``, visibility:
+    the smaller of the two) and world landmarks (midpoints)."""
+    kps, wls = [keypoints], [world]
+    for _, a, b in VIRTUAL_LANDMARKS:
+        k = 0.5 * (keypoints[:, a] + keypoints[:, b])
+        k[:, 2] = np.minimum(keypoints[:, a, 2], keypoints[:, b, 2])
+        kps.append(k[:, None])
+        wls.append(0.5 * (world[:, a] + world[:, b])[:, None])
+    return np.concatenate(kps, 1), np.concatenate(wls, 1)
+
 
 def a_pose() -> np.ndarray:
     """(24, 3) float64 rest pose with both upper arms lowered by 0.9 rad (about SMPL's z)."""
@@ -90,6 +108,7 @@ class FitConfig:
     w_vel: float = 1e-3
     sil_vertices: int = 400
     contour_points: int = 96
+    hand_landmarks: bool = False
     seed: int = 0
 
 
@@ -172,10 +191,13 @@ def fit_smpl(model: SMPLModel, K: np.ndarray, image_size: int, keypoints: np.nda
     Jreg = torch.as_tensor(model.J_regressor, dtype=dt)
     Wt = torch.as_tensor(model.weights, dtype=dt)
 
-    lm_idx = [m[0] for m in LANDMARK_MAP]
-    kinds = [m[1] for m in LANDMARK_MAP]
-    ids = [m[2] for m in LANDMARK_MAP]
-    lw = torch.tensor([m[3] for m in LANDMARK_MAP], dtype=dt)
+    lmap = LANDMARK_MAP + (HAND_MAP if cfg.hand_landmarks else [])
+    if cfg.hand_landmarks:
+        keypoints, world = with_virtual_landmarks(keypoints, world)
+    lm_idx = [m[0] for m in lmap]
+    kinds = [m[1] for m in lmap]
+    ids = [m[2] for m in lmap]
+    lw = torch.tensor([m[3] for m in lmap], dtype=dt)
     vid = [i for k, i in zip(kinds, ids) if k == "v"]
     sil_v = np.sort(rng.choice(model.v_template.shape[0], cfg.sil_vertices, replace=False))
     all_v = torch.as_tensor(np.concatenate([vid, sil_v]), dtype=torch.long)

@@ -115,7 +115,23 @@ def rasterize_silhouette(verts_cam: np.ndarray, faces: np.ndarray, K: np.ndarray
     return m
 
 
+#: A removed mask region at least this fraction of the kept person's area counts as
+#: "another person or a large object" in the fit report.
+OTHER_REGION_FRACTION = 0.2
+
+
+def other_regions(mask: np.ndarray, kept: np.ndarray) -> int:
+    """Number of connected regions of ``mask`` outside ``kept`` whose area is at least
+    :data:`OTHER_REGION_FRACTION` of ``kept``'s (both (H, W) {0,1})."""
+    rest = (mask.astype(bool) & ~kept.astype(bool)).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(rest, connectivity=8)
+    area = max(1, int(kept.sum()))
+    return int((stats[1:, cv2.CC_STAT_AREA] >= OTHER_REGION_FRACTION * area).sum())
+
+
 def _largest_person_component(mask: np.ndarray, kp: np.ndarray) -> np.ndarray:
+    """The connected component of ``mask`` (H, W) that holds most of the confident
+    landmarks ``kp`` (33, 3) of the tracked person (the largest one when none does)."""
     n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     if n <= 2:
         return mask
@@ -139,6 +155,7 @@ class _Prep:
         self.state = self.out / ".prep"
         self.timings: dict = {}
         self.notes: list[str] = []
+        self.other_regions: dict[str, int] = {}
 
     # ------------------------------------------------------------------ folder state
     def open_out(self) -> None:
@@ -262,7 +279,12 @@ class _Prep:
             cnt[:-1] += nb[1:]
             sm = np.where(found[:, None, None], acc / cnt[:, None, None], soft)
         masks = (sm > 0.5).astype(np.uint8)
-        return np.stack([_largest_person_component(m, k) for m, k in zip(masks, kp)])
+        kept = np.stack([_largest_person_component(m, k) for m, k in zip(masks, kp)])
+        self.other_regions = {n: c for n, m, k in zip(names, masks, kept) if (c := other_regions(m, k))}
+        if self.other_regions:
+            print(f"note: {len(self.other_regions)} frames show other person-sized regions (other people or "
+                  "large objects); the tracked person's region is kept (fit_report.json frames.other_regions)")
+        return kept
 
     # ------------------------------------------------------------------ stage 4 helpers
     def overlay(self, rgb, sil, kp):
@@ -411,7 +433,8 @@ def prepare_video(opt: PrepOptions) -> dict:
                     undistorted=bool(cal.dist is not None and np.any(cal.dist != 0))),
         frames=dict(selected=n, written=len(names_k), dropped=dropped,
                     note="one person is tracked (MediaPipe Pose follows the most confident "
-                         "detection); masks keep the connected component under its landmarks"),
+                         "detection); masks keep the connected component under its landmarks",
+                    other_regions=p.other_regions),
         smpl=dict(model=os.fspath(smpl_path), betas=np.asarray(fit["betas"]).tolist()),
         summary=dict(reproj_px_mean=float(rep.mean()), reproj_px_p95=float(np.percentile(rep, 95)),
                      silhouette_iou_mean=float(ious_a.mean()),
