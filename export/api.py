@@ -168,7 +168,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
                     dyn = {i["name"]: tuple(i["shape"]) for i in e["inputs"] if "S" in i["shape"]}
                     for prec in (["fp32", "fp16"] if fp16 else ["fp32"]):
                         plan = f"{name}.{prec}.plan"
-                        info = build_engine(stage / e["file"], stage / plan, S, dyn, fp16=prec == "fp16")
+                        f16 = stage / e["fp16_file"] if e.get("fp16_file") else None
+                        info = build_engine(stage / e["file"], stage / plan, S, dyn, fp16=prec == "fp16",
+                                            fp16_onnx_path=f16)
                         e.setdefault("engines", {})[prec] = plan
                         files[plan] = stage / plan
                         trt_info.setdefault("engines", {}).setdefault(name, {})[prec] = info
