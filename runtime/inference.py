@@ -160,6 +160,14 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "tensorrt + " + why
 
 
+def _engine_dtype(trt, engine, name: str) -> np.dtype:
+    """NumPy dtype of an engine I/O tensor (``tensorrt.nptype``); float32 where it cannot be read."""
+    try:
+        return np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+    except Exception:  # noqa: BLE001 - a type NumPy lacks (bf16, fp8) or an older binding
+        return np.dtype(np.float32)
+
+
 class TensorRTModel:
     """A serialized TensorRT engine (``*.plan``) run on CuPy arrays (TensorRT >= 10 API).
 
@@ -201,6 +209,9 @@ class TensorRTModel:
         mode = trt.TensorIOMode.INPUT
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        # the engine's own I/O types (float32 for our exports, fp16 engines included; read,
+        # not assumed, so an engine with half I/O gets half buffers)
+        self._dtypes = {n: _engine_dtype(trt, self.engine, n) for n in names}
         self.providers = ["TensorRT"]
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._outs: dict[str, object] = {}
@@ -210,7 +221,7 @@ class TensorRTModel:
         cp = self._cp
         keep = []
         for n in self.input_names:
-            a = cp.ascontiguousarray(cp.asarray(feeds[n], dtype=cp.float32))
+            a = cp.ascontiguousarray(cp.asarray(feeds[n], dtype=self._dtypes[n]))
             keep.append(a)
             self.context.set_input_shape(n, tuple(a.shape))
             self.context.set_tensor_address(n, a.data.ptr)
@@ -219,7 +230,7 @@ class TensorRTModel:
             shape = tuple(self.context.get_tensor_shape(n))
             buf = self._outs.get(n)
             if buf is None or buf.shape != shape:
-                buf = self._outs[n] = cp.empty(shape, dtype=cp.float32)
+                buf = self._outs[n] = cp.empty(shape, dtype=self._dtypes[n])
             self.context.set_tensor_address(n, buf.data.ptr)
             out[n] = buf
         if not self.context.execute_async_v3(self.stream.ptr):
