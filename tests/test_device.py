@@ -89,6 +89,44 @@ def test_every_tensor_of_the_model_follows_to(subject, kind):
     assert set(before) <= set(after) | {w for w in before if w.endswith("_csr_t")}
 
 
+def _meta_render(H: int, W: int, extras: int = 0):
+    from fmgs.trainer.render.types import RenderOutput
+
+    e = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
+    return RenderOutput(rgb=e(H, W, 3), alpha=e(H, W), depth=e(H, W), depth_acc=e(H, W), depth_median=e(H, W),
+                        normal=e(H, W, 3), extras=e(H, W, extras) if extras else None)
+
+
+@pytest.mark.parametrize("kind", ["foundation", "full"])
+def test_training_forward_stays_on_the_model_device(subject, zju377, smpl_path, kind):
+    """A model on the ``meta`` device posed for a real training frame (pose correction and pose
+    noise included) gives meta outputs, and the foundation losses against the frame's real
+    image and mask are meta too: any tensor made on the CPU inside the hot path (bone
+    transforms, camera centre, the frame's arrays, random draws) would make these raise.
+    (The meta device has no data, so the full model's data-dependent loss terms and the
+    rasteriser cannot run on it; the full model's subset skinning update needs its cache flag,
+    so the test recomputes every surfel's weights.)"""
+    from fmgs.trainer.engine.run import build_model, open_sequence
+
+    cfg, setup = subject
+    cfg = copy.deepcopy(cfg)
+    cfg.model.kind = kind
+    cfg.model.full.skinning_subset = 1.0
+    cfg.model.full.pose_noise_p = 1.0
+    seq = open_sequence(cfg, "train")
+    model = build_model(cfg, setup, num_frames=len(seq)).to("meta")
+    fr = seq[1]
+    posed = model.pose(fr, setup, frame_id=1, training=True)
+    x = posed.render_inputs()
+    assert x and all(t.device.type == "meta" for t in x.values()), {k: t.device for k, t in x.items()}
+    if kind == "foundation":
+        H, W = fr.image.shape[:2]
+        groups = model.loss_groups(cfg, _meta_render(H, W), posed, fr, None, 0,
+                                   generator=torch.Generator().manual_seed(0))
+        assert set(groups) == {"photometric", "mask_bce"}
+        assert all(v.device.type == "meta" for v in groups.values())
+
+
 def test_double_moves_the_lookup_weights_and_keeps_the_features(subject):
     """``.double()`` casts the lookup's weights with the tables; the canonical features are
     the float32 ones to float32 precision (the lookup is rebuilt, not recomputed)."""
