@@ -119,6 +119,8 @@ def test_training_forward_stays_on_the_model_device(subject, zju377, smpl_path, 
     posed = model.pose(fr, setup, frame_id=1, training=True)
     x = posed.render_inputs()
     assert x and all(t.device.type == "meta" for t in x.values()), {k: t.device for k, t in x.items()}
+    held_out = model.pose(fr, setup).render_inputs()          # no per-frame correction, no noise
+    assert all(t.device.type == "meta" for t in held_out.values())
     if kind == "foundation":
         H, W = fr.image.shape[:2]
         groups = model.loss_groups(cfg, _meta_render(H, W), posed, fr, None, 0,
