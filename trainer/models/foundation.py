@@ -74,7 +74,8 @@ class SurfelAvatar(AvatarModel):
         init_opacity: initial opacity of every surfel, in (0, 1).
 
     Buffers (not trained): canonical centres (S,3), frames (S,3,3), initial log
-    scales (S,2), skinning weights (S,24), the precomputed hash-grid lookup.
+    scales (S,2), skinning weights (S,24); the precomputed hash-grid lookup (a plain
+    attribute, not saved, moved with the model by :class:`~fmgs.trainer.models.base.AvatarModel`).
     Parameters: hash table, colour MLP, opacity logits (S,), log-scale deltas
     (S,2), normal displacements (S,) in metres.
     """

@@ -315,8 +315,8 @@ class FMGSAvatar(AvatarModel):
         cfg: :class:`FullModelConfig` (defaults: the paper's sizes, all fields on).
 
     Buffers: ``centers``, ``frames``, ``scales0``, ``skin_weights``, ``bbox_min/max``.
-    The precomputed grid lookup is a plain attribute (recomputed by :meth:`to`-moves
-    lazily), shared by the three grids.
+    The precomputed grid lookup is a plain attribute (not saved), shared by the three grids;
+    it follows the model's ``.to()`` moves (:class:`~fmgs.trainer.models.base.AvatarModel`).
     Parameters: the three grid tables, pose encoder, geometry / appearance / semantic /
     skinning fields (those switched on), opacity logits ``(S,)`` and, with
     ``use_pose_correction``, ``pose_correction.delta (num_frames, 24, 3)``.
