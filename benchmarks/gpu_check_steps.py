@@ -427,7 +427,7 @@ def step_train(s: Step) -> None:
     why = gpu_skip_reason(ctx)
     its, size = int(ctx["iterations"]), int(ctx["image_size"])
     gs_cmd = ["--out", work / "run_gsplat", "--no-eval", f"train.iterations={its}", "train.backend=gsplat",
-              f"data.image_size={size}", "train.image_every=0", *data_overrides(ctx)]
+              "train.device=cuda", f"data.image_size={size}", "train.image_every=0", *data_overrides(ctx)]
     s.num(command="fmgs-train " + " ".join(map(str, gs_cmd)))
     if why and not ctx["rehearse"]:
         s.set("skipped", f"{why}: a {its}-iteration backend=gsplat run needs CUDA + gsplat")
@@ -439,7 +439,8 @@ def step_train(s: Step) -> None:
     if why:  # CPU rehearsal of the same plumbing at toy size
         reh = work / "run_rehearsal"
         r = run(cli(ctx, "fmgs-train", "--out", reh, "--no-eval", f"train.iterations={REHEARSAL['iterations']}",
-                    "train.backend=cpu", f"data.image_size={REHEARSAL['image_size']}", "train.image_every=0",
+                    "train.backend=cpu", "train.device=cpu", f"data.image_size={REHEARSAL['image_size']}",
+                    "train.image_every=0",
                     "train.checkpoint_every=0", *data_overrides(ctx, rehearse=True)), max(s.left() - 20, 5))
         if r["rc"] != 0:
             s.set("failed", f"CPU rehearsal: fmgs-train exit {r['rc']}: {error_line(r['out'])}")
@@ -453,6 +454,9 @@ def step_train(s: Step) -> None:
     run_dir = work / "run_gsplat"
     r = run(cli(ctx, "fmgs-train", *gs_cmd), max(s.left() - 75, 10))
     s.num(train_wall_s=r["seconds"])
+    dev = re.search(r"iterations on (\S+) \((\w+) rasteriser\)", r["out"])
+    if dev:  # what fmgs-train says it trained on
+        s.num(train_device=dev.group(1), train_rasteriser=dev.group(2))
     if r["rc"] == 0:
         spi = _parse_s_per_it(r["out"])
         s.num(run_dir=str(run_dir), s_per_iteration=spi)
@@ -470,7 +474,8 @@ def _cpu_fallback_run(ctx: dict, s: Step, work: Path) -> None:
     """A short CPU run so that export and play still have something to work on."""
     fb = work / "run_cpu_fallback"
     r2 = run(cli(ctx, "fmgs-train", "--out", fb, "--no-eval", "train.iterations=10", "train.backend=cpu",
-                 "data.image_size=256", "train.image_every=0", *data_overrides(ctx)), max(s.left(), 5))
+                 "train.device=cpu", "data.image_size=256", "train.image_every=0", *data_overrides(ctx)),
+             max(s.left(), 5))
     if r2["rc"] == 0:
         s.num(run_dir=str(fb), fallback="10-iteration CPU run at 256 px (for export/play only)",
               fallback_s_per_iteration=_parse_s_per_it(r2["out"]))
@@ -568,7 +573,8 @@ def _ort_vs_trt(bundle: Path, motion: Path, s: Step) -> None:
             a = np.array(to_numpy(ref.frame(mo.poses[i], wfb, eye)))
             b = np.array(to_numpy(p.frame(mo.poses[i], wfb, eye)))
             errs.append(float(np.abs(a - b).max()))
-        out[name] = {"max_abs_table_error": max(errs), "describe": p.describe()}
+        out[name] = {"max_abs_table_error": max(errs), "describe": p.describe(),
+                     "cuda_preload": sorted({str(getattr(m, "preload", None)) for m in p.models.values()})}
     s.num(runtime_vs_ort_cpu=out)
 
 

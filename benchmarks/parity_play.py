@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     from fmgs.runtime.splat_cpu import CpuSurfelRenderer
     from fmgs.trainer.render.dispatch import render_posed
 
-    run = load_run(args.run_dir)
+    # the trainer reference renders on the CPU rasteriser, whatever device the run trained on
+    run = load_run(args.run_dir, ["train.backend=cpu", "train.device=cpu"], device="cpu")
     pipe = AvatarPipeline(args.bundle, array_backend="numpy")
     ctx = create_headless_context()
     seq = run.seq

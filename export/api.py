@@ -50,7 +50,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         bake_frames: training frames for the skinning-bake check (``<= 0``: all).
         skinning_model: also export ``skinning.onnx`` (full model with a skinning field).
         ply: write ``avatar.ply``; ``ply_sh_rest``: with the 45 zero ``f_rest_*`` properties.
-        overrides: OmegaConf dot-list applied over the run config before rebuilding.
+        overrides: OmegaConf dot-list applied over the run config before rebuilding
+            (``train.backend`` and ``train.device`` are set to ``cpu``: export runs on the CPU).
         overwrite: replace an existing bundle folder -- only a bundle of ours that does not
             hold ``run_dir`` (:func:`fmgs.bundle.check_bundle_replaceable`).
         threads: ONNX Runtime intra-op threads for the checks.
@@ -90,7 +91,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         say(f"note: {trt_note}")
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
-    run = load_run(run_dir, overrides)
+    # Baking, ONNX export and the checks run on the CPU whatever device and rasteriser the run
+    # trained with (the checkpoint is device-free): a CUDA-trained run exports on any machine.
+    run = load_run(run_dir, [*overrides, "train.backend=cpu", "train.device=cpu"], device="cpu")
     adapter = adapter_for(run.model)
     timings["load_s"] = time.perf_counter() - t
     say(f"fmgs-export: {run.kind} avatar, {run.model.num_surfels} surfels, iteration {run.iteration} <- {run_dir}")
@@ -165,7 +168,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
                     dyn = {i["name"]: tuple(i["shape"]) for i in e["inputs"] if "S" in i["shape"]}
                     for prec in (["fp32", "fp16"] if fp16 else ["fp32"]):
                         plan = f"{name}.{prec}.plan"
-                        info = build_engine(stage / e["file"], stage / plan, S, dyn, fp16=prec == "fp16")
+                        f16 = stage / e["fp16_file"] if e.get("fp16_file") else None
+                        info = build_engine(stage / e["file"], stage / plan, S, dyn, fp16=prec == "fp16",
+                                            fp16_onnx_path=f16)
                         e.setdefault("engines", {})[prec] = plan
                         files[plan] = stage / plan
                         trt_info.setdefault("engines", {}).setdefault(name, {})[prec] = info

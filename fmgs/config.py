@@ -269,6 +269,12 @@ class TrainConfig:
         eval_frames: frames of that quick evaluation.
         eval_at_end: run ``fmgs-eval`` when training ends.
         backend: rasteriser: ``auto``, ``cpu`` or ``gsplat`` (CUDA).
+        device: where the model, its buffers and the frames live during training and
+            evaluation: ``cpu``, ``cuda`` (the current CUDA device; refused when torch sees
+            none) or ``auto`` (``cuda`` when the back-end resolves to gsplat: ``backend=gsplat``,
+            or ``auto`` with CUDA and gsplat present; else ``cpu``). ``backend=gsplat`` needs
+            ``cuda`` or ``auto``. Checkpoints are device-free: a run trained on CUDA evaluates,
+            resumes and exports on the CPU (``fmgs-export`` always works on the CPU).
     """
 
     iterations: int = 300
@@ -290,6 +296,7 @@ class TrainConfig:
     eval_frames: int = 5
     eval_at_end: bool = True
     backend: str = "auto"
+    device: str = "auto"
 
 
 @dataclass
@@ -377,6 +384,7 @@ CHOICES = {
     "init.kind": ("none", "aggregate"),
     "init.visibility": ("mesh", "surfels"),
     "train.backend": ("auto", "cpu", "gsplat"),
+    "train.device": ("auto", "cpu", "cuda"),
 }
 
 #: Numeric ranges ``(low, high, low_inclusive, high_inclusive)``; None = unbounded.
@@ -615,6 +623,9 @@ def validate(cfg: DictConfig, where=None) -> None:
     if hg.max_resolution < hg.base_resolution:
         bad("model.hash_grid.max_resolution", f"must be >= base_resolution ({hg.base_resolution}); got {hg.max_resolution}")
     if cfg.train.backend == "gsplat":
+        if cfg.train.device == "cpu":
+            bad("train.device", "must be cuda or auto with train.backend=gsplat (gsplat renders CUDA tensors "
+                "only); got 'cpu'")
         _check_gsplat(where)
 
 

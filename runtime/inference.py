@@ -14,6 +14,7 @@ Never raises for a missing GPU: the CPU provider is always the last resort.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from fmgs.errors import FmgsInputError
 
-__all__ = ["ort_providers", "OrtModel", "TensorRTModel", "tensorrt_status", "load_model", "check_model_io"]
+__all__ = ["ort_providers", "preload_cuda_libraries", "OrtModel", "TensorRTModel", "tensorrt_status", "load_model", "check_model_io"]
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -45,6 +46,31 @@ def ort_providers(prefer: str = "auto") -> list[str]:
     if prefer not in want:
         raise ValueError(f"provider preference must be one of {sorted(want)}, got {prefer!r}")
     return [p for p in want[prefer] if p in avail] + ["CPUExecutionProvider"]
+
+
+@functools.lru_cache(maxsize=1)
+def preload_cuda_libraries() -> str:
+    """Load the CUDA / cuDNN libraries of ``onnxruntime-gpu``'s CUDA provider once per process.
+
+    ONNX Runtime >= 1.21 documents ``onnxruntime.preload_dlls()`` for finding CUDA and cuDNN
+    installed as pip ``nvidia-*`` wheels (or a compatible torch's) without ``LD_LIBRARY_PATH``;
+    without it a process that has not imported torch may fail to create the CUDA provider
+    and silently fall back to the CPU. Called only when a GPU provider is requested
+    (:class:`OrtModel`), so the CPU path never touches it. Never raises.
+
+    Returns:
+        What happened, for reports: ``"preloaded"``, ``"not available (...)"`` or the error.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return f"not available (onnxruntime {ort.__version__} has no preload_dlls; it came in 1.21)"
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 - a missing library must not stop the CPU fallback
+        return f"failed ({exc.__class__.__name__}: {exc})"
+    return "preloaded"
 
 
 class OrtModel:
@@ -82,8 +108,11 @@ class OrtModel:
         # from skinning and llvmpipe's draw threads (measured 11.5 -> 17.1 FPS at 512^2)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
+        providers = ort_providers(prefer)
+        #: result of :func:`preload_cuda_libraries` when a GPU provider was requested, else None
+        self.preload = preload_cuda_libraries() if any(p in _GPU_PROVIDERS for p in providers) else None
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=ort_providers(prefer))
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
             raise FmgsInputError(f"cannot load the ONNX model ({exc.__class__.__name__}: {exc})", self.path) from None
         self.providers = list(self.session.get_providers())
@@ -131,6 +160,14 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "tensorrt + " + why
 
 
+def _engine_dtype(trt, engine, name: str) -> np.dtype:
+    """NumPy dtype of an engine I/O tensor (``tensorrt.nptype``); float32 where it cannot be read."""
+    try:
+        return np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+    except Exception:  # noqa: BLE001 - a type NumPy lacks (bf16, fp8) or an older binding
+        return np.dtype(np.float32)
+
+
 class TensorRTModel:
     """A serialized TensorRT engine (``*.plan``) run on CuPy arrays (TensorRT >= 10 API).
 
@@ -172,6 +209,9 @@ class TensorRTModel:
         mode = trt.TensorIOMode.INPUT
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        # the engine's own I/O types (float32 for our exports, fp16 engines included; read,
+        # not assumed, so an engine with half I/O gets half buffers)
+        self._dtypes = {n: _engine_dtype(trt, self.engine, n) for n in names}
         self.providers = ["TensorRT"]
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._outs: dict[str, object] = {}
@@ -181,7 +221,7 @@ class TensorRTModel:
         cp = self._cp
         keep = []
         for n in self.input_names:
-            a = cp.ascontiguousarray(cp.asarray(feeds[n], dtype=cp.float32))
+            a = cp.ascontiguousarray(cp.asarray(feeds[n], dtype=self._dtypes[n]))
             keep.append(a)
             self.context.set_input_shape(n, tuple(a.shape))
             self.context.set_tensor_address(n, a.data.ptr)
@@ -190,7 +230,7 @@ class TensorRTModel:
             shape = tuple(self.context.get_tensor_shape(n))
             buf = self._outs.get(n)
             if buf is None or buf.shape != shape:
-                buf = self._outs[n] = cp.empty(shape, dtype=cp.float32)
+                buf = self._outs[n] = cp.empty(shape, dtype=self._dtypes[n])
             self.context.set_tensor_address(n, buf.data.ptr)
             out[n] = buf
         if not self.context.execute_async_v3(self.stream.ptr):

@@ -39,13 +39,18 @@ from fmgs.body_model import bone_transforms  # noqa: F401  (re-exported: the per
 from fmgs.errors import FmgsInputError
 from fmgs.runtime.gl_renderer import ALPHA_MIN, NUM_ROWS, ROWS
 from fmgs.runtime.inference import check_model_io, load_model
-from fmgs.runtime.xp import get_array_module, to_numpy
+from fmgs.runtime.xp import copy_into, get_array_module, same_module, to_numpy
 
 __all__ = ["STAGES", "FrameTimings", "AvatarPipeline", "bone_transforms", "blend_lbs_planar",
            "canonical_view_dirs_planar", "limit_blas_threads"]
 
 #: Stages of the frame-time split, in pipeline order.
 STAGES = ("pose", "inference", "skinning", "sort", "draw")
+
+#: Table rows :meth:`AvatarPipeline.frame` writes: the geometry block (means, t_u, t_v,
+#: scales: rows 0-10, contiguous), then the colours (with a colour model). Opacity is not
+#: among them (:meth:`AvatarPipeline.init_table`).
+_WRITTEN_ROWS = (slice(ROWS["means"].start, ROWS["scales"].stop), ROWS["colors"])
 
 _OUT_ALIASES = {"centers": ("centers_out", "centers"), "rotations": ("rotations_out", "rotations"),
                 "scales": ("scales_out", "scales")}
@@ -375,7 +380,9 @@ class AvatarPipeline:
                 metres.
             camera_center: (3,) camera position, world, metres (view-dependent colour).
             table: (16, S) float32 renderer table to fill (rows :data:`ROWS`; opacity rows
-                set by :meth:`init_table`); default an internal one.
+                set by :meth:`init_table`); default an internal one. A table in other memory
+                than :attr:`xp`'s (a NumPy renderer table with CuPy arrays) is filled by one
+                copy of the written rows at the end (:func:`fmgs.runtime.xp.copy_into`).
             timings: optional :class:`FrameTimings` to add the pose / inference /
                 skinning seconds to.
         Returns:
@@ -383,7 +390,10 @@ class AvatarPipeline:
         """
         xp = self.xp
         t0 = time.perf_counter()
-        tab = self._table if table is None else table
+        out_tab = self._table if table is None else table
+        # xp's kernels write with out= into arrays of their own module only: work in the
+        # internal table and copy the rows to a table that lives elsewhere
+        tab = out_tab if same_module(out_tab, xp) else self._table
         rot, B = bone_transforms(poses, world_from_body, self.rest_joints, self.parents, self.canonical_G_inv)
         Bt = xp.asarray(np.ascontiguousarray(B[:, :3, :].reshape(24, 12).T, dtype=np.float32))   # (12, 24)
         rot32 = rot.astype(np.float32)
@@ -429,11 +439,17 @@ class AvatarPipeline:
             colors = self.models["color"].run(feeds)["colors"]
             tab[ROWS["colors"]] = xp.asarray(colors).T
         t4 = time.perf_counter()
+        if tab is not out_tab:
+            for rows in _WRITTEN_ROWS if "color" in self.models else _WRITTEN_ROWS[:1]:
+                copy_into(out_tab[rows], tab[rows])
+        t5 = time.perf_counter()
         if timings is not None:
             timings.pose += t1 - t0
             timings.inference += (t2 - t1) + (t4 - t3)
-            timings.skinning += t3 - t2
-        return tab
+            timings.skinning += (t3 - t2) + (t5 - t4)    # the table copy is part of the skinning stage
+            if tab is not out_tab:
+                timings.extra["table_copy"] = timings.extra.get("table_copy", 0.0) + (t5 - t4)
+        return out_tab
 
     def posed_surfels(self, poses, world_from_body, camera_center) -> dict[str, np.ndarray]:
         """Row-major NumPy arrays of one posed frame (tests, tools).

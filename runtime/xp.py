@@ -13,7 +13,7 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["get_array_module", "cupy_status", "to_numpy", "is_cupy"]
+__all__ = ["get_array_module", "cupy_status", "to_numpy", "is_cupy", "same_module", "copy_into"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,3 +77,46 @@ def to_numpy(a) -> np.ndarray:
     if is_cupy(a):
         return a.get()
     return np.asarray(a)
+
+
+def same_module(a, xp: ModuleType) -> bool:
+    """True when array ``a`` belongs to array module ``xp`` (a CuPy array and ``cupy``, or a
+    NumPy array and ``numpy``): ``xp``'s functions can then write into it with ``out=``."""
+    return is_cupy(a) == (xp.__name__.split(".")[0] == "cupy")
+
+
+def copy_into(dst, src) -> None:
+    """Copy ``src`` into ``dst`` (same shape) whichever of host (NumPy) and device (CuPy)
+    memory each lives in: one device-to-host or host-to-device transfer, no intermediate
+    array where ``dst`` is C-contiguous (e.g. a block of whole rows of a renderer table).
+
+    Args:
+        dst: NumPy or CuPy array, written in place.
+        src: NumPy or CuPy array of ``dst``'s shape; cast to ``dst``'s dtype.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"copy_into: shapes differ, {tuple(dst.shape)} <- {tuple(src.shape)}")
+    src_dev, dst_dev = is_cupy(src), is_cupy(dst)
+    if src_dev == dst_dev:                      # same memory: the module's own copy
+        mod = _cupy() if dst_dev else np
+        mod.copyto(dst, src, casting="unsafe")
+    elif src_dev:                               # device -> host (cupy.ndarray.get)
+        if dst.flags.c_contiguous and src.dtype == dst.dtype:
+            src.get(out=dst)
+        else:
+            np.copyto(dst, src.get(), casting="unsafe")
+    else:                                       # host -> device (cupy.ndarray.set)
+        host = np.ascontiguousarray(src, dtype=dst.dtype)
+        if dst.flags.c_contiguous:
+            dst.set(host)
+        else:
+            dst[...] = _cupy().asarray(host)
+
+
+def _cupy() -> ModuleType:
+    import cupy as cp  # noqa: PLC0415 - only reached with CuPy arrays in hand
+
+    return cp

@@ -3,6 +3,7 @@ and the model, the optimiser, loading a trained run, and the one held-out render
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +60,56 @@ def heldout_split(cfg: DictConfig) -> str:
 
 
 def check_backend(cfg: DictConfig) -> str:
-    """The rasteriser back-end ``train.backend`` resolves to on this machine.
+    """The rasteriser back-end ``train.backend`` resolves to on this machine, for tensors on
+    the device ``train.device`` resolves to (:func:`resolve_device`).
 
     Raises:
-        FmgsInputError: ``gsplat`` asked for without CUDA or without the package (says how to get it).
+        FmgsInputError: ``gsplat`` asked for without CUDA or without the package (says how to
+            get it), or a device that this machine does not have.
     """
+    device = resolve_device(cfg)
     try:
-        return resolve_backend(str(cfg.train.backend))
+        return resolve_backend(str(cfg.train.backend), device)
     except (RuntimeError, ValueError) as exc:
         raise FmgsInputError(f"train.backend={cfg.train.backend}: {exc}") from exc
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """The torch device of ``train.device`` on this machine.
+
+    ``cpu`` and ``cuda`` are taken as given (``cuda`` = the current CUDA device); ``auto`` is
+    ``cuda`` when the rasteriser back-end resolves to gsplat (``train.backend=gsplat``, or
+    ``auto`` with CUDA and an importable gsplat), else ``cpu``: the reference CPU rasteriser
+    keeps the model on the CPU.
+
+    Raises:
+        FmgsInputError: ``train.device=cuda`` (or ``backend=gsplat``) where torch sees no CUDA
+            device, or ``backend=gsplat`` with ``device=cpu``.
+    """
+    from fmgs.trainer.render.dispatch import gsplat_available
+
+    want, backend = str(cfg.train.device), str(cfg.train.backend)
+    if backend == "gsplat" and want == "cpu":
+        raise FmgsInputError("train.device=cpu: train.backend=gsplat renders CUDA tensors only; "
+                             "use train.device=cuda or auto")
+    if want == "cuda" or backend == "gsplat":
+        if not torch.cuda.is_available():
+            key = "train.device=cuda" if want == "cuda" else "train.backend=gsplat"
+            raise FmgsInputError(f"{key}: needs a CUDA device and torch {torch.__version__} sees none "
+                                 "(a CUDA build of torch and a GPU); use train.device=cpu and train.backend=cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    if want == "auto" and backend == "auto" and gsplat_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_host(out: RenderOutput) -> RenderOutput:
+    """``out`` with every image detached and on the CPU (``.numpy()``-ready); the same
+    object when it already is on the CPU and needs no grad."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    if all(t is None or (t.device.type == "cpu" and not t.requires_grad) for t in fields.values()):
+        return out
+    return RenderOutput(**{k: None if t is None else t.detach().cpu() for k, t in fields.items()})
 
 
 def build_setup(cfg: DictConfig, seq: HumanNeRFSequence) -> AvatarSetup:
@@ -143,7 +185,8 @@ def heldout_renders(model: AvatarModel, setup: AvatarSetup, seq: HumanNeRFSequen
                     indices: Sequence[int] | None = None, progress: bool = False
                     ) -> Iterator[tuple[Frame, RenderOutput]]:
     """The one held-out loop: ``(frame, render)`` for each frame of ``seq`` (or of
-    ``indices``), without gradients.
+    ``indices``), without gradients. The model renders on its own device; the renders
+    come back on the CPU (:func:`to_host`), so callers score them with NumPy.
 
     Args:
         progress: show a tqdm bar.
@@ -154,7 +197,7 @@ def heldout_renders(model: AvatarModel, setup: AvatarSetup, seq: HumanNeRFSequen
     with torch.no_grad():
         for i in tqdm(idx, desc="eval", unit="frame", disable=None if progress else True):
             fr = seq[i]
-            yield fr, render_frame(model, setup, fr, cfg)
+            yield fr, to_host(render_frame(model, setup, fr, cfg))
 
 
 def quick_eval(model, setup, seq, cfg, max_frames: int) -> dict:
@@ -174,7 +217,7 @@ class LoadedRun:
         iteration: completed training iterations of the checkpoint.
         elapsed_s: training wall time of the checkpoint, seconds.
         setup: the subject (:class:`~fmgs.trainer.models.base.AvatarSetup`).
-        model: the avatar in eval mode on the CPU, float32.
+        model: the avatar in eval mode, float32, on :attr:`device`.
         seq: the requested split (:class:`~fmgs.trainer.data.humannerf.HumanNeRFSequence`;
             images are decoded on first access).
     """
@@ -186,6 +229,7 @@ class LoadedRun:
     setup: AvatarSetup
     model: AvatarModel
     seq: HumanNeRFSequence
+    device: torch.device = torch.device("cpu")
 
     @property
     def kind(self) -> str:
@@ -193,7 +237,8 @@ class LoadedRun:
         return self.model.kind
 
 
-def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: str = "train") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: str = "train",
+             device: str | torch.device | None = None) -> LoadedRun:
     """Rebuild a trained avatar from ``RUN_DIR`` (``config.yaml`` + ``checkpoints/last.pt``),
     as ``fmgs-eval`` and ``fmgs-export`` both need it.
 
@@ -206,6 +251,9 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
         overrides: ``key=value`` entries over the run's config (checked like ``fmgs-train``'s:
             a misspelt key fails, naming it).
         split: the data split to open (``train`` for export, ``test`` for evaluation).
+        device: where to put the model; None = what the run config's ``train.device``
+            resolves to on this machine (:func:`resolve_device`). The checkpoint is read
+            onto the CPU first, whatever device it was saved from.
 
     Raises:
         FmgsInputError: not a run folder, unreadable checkpoint, data missing, an unknown or
@@ -214,6 +262,7 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     check_backend(cfg)
+    device = resolve_device(cfg) if device is None else torch.device(device)
     state = load_checkpoint(run_dir)
     seq = open_sequence(cfg, split)
     setup = build_setup(cfg, seq)
@@ -235,5 +284,5 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
         raise FmgsInputError(
             "checkpoint does not fit the model its config.yaml describes (the run was trained with other "
             f"settings; pass them with --set KEY=VALUE): {detail}", checkpoint_path(run_dir)) from exc
-    model.eval()
-    return LoadedRun(run_dir, cfg, int(state["iteration"]), float(state["elapsed_s"]), setup, model, seq)
+    model.eval().to(device)
+    return LoadedRun(run_dir, cfg, int(state["iteration"]), float(state["elapsed_s"]), setup, model, seq, device)

@@ -27,7 +27,7 @@ from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_ch
 from fmgs.trainer.engine.metrics import psnr
 from fmgs.trainer.engine.run import (
     apply_lr_schedule, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
-    quick_eval,
+    quick_eval, resolve_device,
 )
 
 
@@ -90,7 +90,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    check_backend(cfg)
+    backend = check_backend(cfg)
+    device = resolve_device(cfg)
     if not resume:
         absolute_paths(cfg)
     # The data is checked before the run folder is written: a bad split or path leaves nothing.
@@ -108,7 +109,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     np.random.seed(int(cfg.train.seed))
 
     setup = build_setup(cfg, train_seq)
-    model = build_model(cfg, setup, num_frames=len(train_seq))
+    # on its device before the optimiser exists, so Adam's state is made there too
+    model = build_model(cfg, setup, num_frames=len(train_seq)).to(device)
     opt = make_optimizer(cfg, model)
     priors = [None] * len(train_seq)
     if model.needs_priors:
@@ -118,9 +120,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
 
     start_it, elapsed = 0, 0.0
     if resume:
-        state = load_checkpoint(run_dir)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        state = load_checkpoint(run_dir)          # read onto the CPU whatever device wrote it
+        model.load_state_dict(state["model"])      # copied into the parameters on `device`
+        opt.load_state_dict(state["optimizer"])    # torch moves Adam's moments to their parameters' device
         start_it, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         restore_rng(state)
         print(f"resuming {run_dir} from iteration {start_it} ({elapsed / 60:.1f} min trained)")
@@ -133,7 +135,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     progress_file = run_dir / "progress.jsonl"
     eval_every = int(tc.eval_every or 0)
     print(f"fmgs-train: {model.num_surfels} surfels, {len(train_seq)} training frames, "
-          f"{total} iterations -> {run_dir}")
+          f"{total} iterations on {device} ({backend} rasteriser) -> {run_dir}")
 
     it = start_it
     with _GracefulInterrupt() as stop, tqdm(total=total, initial=start_it, desc="train", unit="it",
@@ -149,7 +151,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
             # sees exactly the frames an uninterrupted one would.
             idx = int(np.random.default_rng([int(tc.seed), it]).integers(len(train_seq)))
             fr = train_seq[idx]
-            gt = torch.from_numpy(fr.image)
             opt.zero_grad(set_to_none=True)
             gen = torch.Generator().manual_seed(int(tc.seed) * 1_000_003 + it)
             posed = model.pose(fr, setup, frame_id=idx, training=True, semantic=semantic_iteration(cfg, it))
@@ -168,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
             bar.update(1)
             if it % int(tc.log_every) == 0 or it == total:
                 with torch.no_grad():
-                    p = psnr(out.rgb.detach().clamp(0, 1).numpy(), fr.image)
+                    p = psnr(out.rgb.detach().clamp(0, 1).cpu().numpy(), fr.image)
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.2f}")
                 writer.add_scalar("loss/total", loss.item(), it)
                 for name, val in groups.items():
@@ -176,7 +177,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
                 writer.add_scalar("train/psnr", p, it)
                 writer.add_scalar("train/seconds_per_iteration", elapsed / it, it)
             if int(tc.image_every) and it % int(tc.image_every) == 0:
-                side = torch.cat([gt, out.rgb.detach().clamp(0, 1)], dim=1)
+                side = torch.cat([torch.from_numpy(fr.image), out.rgb.detach().clamp(0, 1).cpu()], dim=1)
                 writer.add_image("train/gt_vs_render", side.permute(2, 0, 1), it)
             if eval_every and (it % eval_every == 0 or it == total):
                 q = quick_eval(model, setup, test_seq, cfg, int(tc.eval_frames))

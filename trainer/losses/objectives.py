@@ -150,8 +150,13 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
         ``{group name: scalar loss}``; groups without data are omitted.
     """
     L = cfg.loss
-    gt = torch.from_numpy(frame.image)
-    mask = torch.from_numpy(frame.mask)
+    dev = out.rgb.device
+
+    def host(a) -> torch.Tensor:  # the frame's and priors' NumPy arrays, on the render's device
+        return torch.as_tensor(a).to(dev)
+
+    gt = host(frame.image)
+    mask = host(frame.mask)
     groups = {"photometric": photometric_loss(out.rgb, gt, float(cfg.train.lambda_ssim))
               + float(cfg.train.lambda_mask) * mask_bce_loss(out.alpha, mask)}
     prior = prior or {}
@@ -159,16 +164,17 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
     ps = prior_term_scale(cfg, prior)
     if prior.get("depth") is not None and L.lambda_depth > 0 and ps > 0:
         groups["depth"] = ps * float(L.lambda_depth) * depth_ranking_loss(
-            out.depth, torch.from_numpy(prior["depth"]), inside, int(L.depth_pairs), alpha=float(L.depth_alpha),
+            out.depth, host(prior["depth"]), inside, int(L.depth_pairs), alpha=float(L.depth_alpha),
             generator=generator)
-    K = torch.as_tensor(frame.camera.K, dtype=out.depth.dtype)
-    normal = normal_group_loss(cfg, out.depth, out.normal, K, inside, prior.get("normal"), ps, iteration)
+    K = torch.as_tensor(frame.camera.K, dtype=out.depth.dtype, device=dev)
+    prior_normal = None if prior.get("normal") is None else host(prior["normal"])
+    normal = normal_group_loss(cfg, out.depth, out.normal, K, inside, prior_normal, ps, iteration)
     if normal is not None:
         groups["normal"] = normal
     if prior.get("parts") is not None and out.extras is not None and L.lambda_semantic > 0:
         # Pixels the prior itself calls person (its mask, else parts > 0) and the image mask agrees.
-        parts = torch.from_numpy(prior["parts"])
-        prior_fg = torch.from_numpy(prior["mask"]) > 0.5 if prior.get("mask") is not None else parts > 0
+        parts = host(prior["parts"])
+        prior_fg = host(prior["mask"]) > 0.5 if prior.get("mask") is not None else parts > 0
         # With train.semantic_weights_only the logits were composited with constant weights,
         # so the loss can only reach the semantic field: it needs no restricted pass.
         name = "semantic_field" if semantic_weights_only(cfg) else "semantic"

@@ -197,7 +197,8 @@ def depth_ranking_loss(
         mask: ``(H, W)`` bool / {0, 1} foreground mask; pairs are drawn inside it.
         num_pairs: number of pairs drawn uniformly (with replacement) from the mask pixels.
         alpha: tanh sharpness (10 in the paper), per metre.
-        generator: optional ``torch.Generator`` (on the mask's device) for the sampling.
+        generator: optional ``torch.Generator`` for the sampling (on any device; the
+            indices are drawn there and moved to the mask's device).
         pairs: optional ``(P, 2)`` int64 flat pixel indices (``row * W + col``) to use
             instead of random sampling (then ``mask`` and ``num_pairs`` are ignored).
 
@@ -212,8 +213,10 @@ def depth_ranking_loss(
         idx = torch.nonzero(_bool_mask(mask).reshape(-1), as_tuple=False).squeeze(1)
         if idx.numel() < 2 or num_pairs <= 0:
             return _zero_like_graph(depth)
-        sel = torch.randint(0, idx.numel(), (int(num_pairs), 2), generator=generator, device=idx.device)
-        pairs = idx[sel]
+        # drawn where the generator lives (a CPU generator gives the same pairs on every device)
+        gdev = generator.device if generator is not None else idx.device
+        sel = torch.randint(0, idx.numel(), (int(num_pairs), 2), generator=generator, device=gdev)
+        pairs = idx[sel.to(idx.device)]
     pairs = pairs.to(d.device).long()
     p1, p2 = pairs[:, 0], pairs[:, 1]
     diff_prior = pd[p1] - pd[p2]

@@ -20,6 +20,7 @@ from torch import nn
 from fmgs.body_model import SMPLModel, bone_transforms
 from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.objectives import semantic_weights_only
+from fmgs.trainer.models.hashgrid import HashLookup
 from fmgs.trainer.render.dispatch import render_posed
 from fmgs.trainer.render.types import RenderOutput
 
@@ -135,6 +136,16 @@ class AvatarModel(nn.Module):
 
     kind: ClassVar[str] = ""
     needs_priors: ClassVar[bool] = False
+
+    def _apply(self, fn, *args, **kwargs):
+        # Precomputed hash-grid lookups (plain attributes: a dataclass of tensors, not buffers,
+        # and not saved) follow every move of the parameters, so ``model.to(device)`` moves
+        # everything the forward pass reads.
+        out = super()._apply(fn, *args, **kwargs)
+        for name, value in list(vars(self).items()):
+            if isinstance(value, HashLookup):
+                setattr(self, name, value.apply(fn))
+        return out
 
     @classmethod
     def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "AvatarModel":

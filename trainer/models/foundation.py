@@ -75,7 +75,8 @@ class SurfelAvatar(AvatarModel):
         init_opacity: initial opacity of every surfel, in (0, 1).
 
     Buffers (not trained): canonical centres (S,3), frames (S,3,3), initial log
-    scales (S,2), skinning weights (S,24), the precomputed hash-grid lookup.
+    scales (S,2), skinning weights (S,24); the precomputed hash-grid lookup (a plain
+    attribute, not saved, moved with the model by :class:`~fmgs.trainer.models.base.AvatarModel`).
     Parameters: hash table, colour MLP, opacity logits (S,), log-scale deltas
     (S,2), normal displacements (S,) in metres.
     """
@@ -176,8 +177,9 @@ class SurfelAvatar(AvatarModel):
         parameters, no training-time behaviour, no semantic outputs)."""
         B = frame_bone_transforms(setup.smpl, setup.rest_joints, setup.canonical_G, frame.poses,
                                   frame.world_from_body)
-        return self(torch.as_tensor(B, dtype=torch.float32),
-                    torch.as_tensor(frame.camera.center, dtype=torch.float32))
+        dev = self.centers.device
+        return self(torch.as_tensor(B, dtype=torch.float32, device=dev),
+                    torch.as_tensor(frame.camera.center, dtype=torch.float32, device=dev))
 
     def pose_at(self, frame, setup: AvatarSetup, theta: torch.Tensor, world_from_body: torch.Tensor) -> PosedSurfels:
         """:meth:`forward` at an explicit pose; gradients reach ``theta (72,)`` and
@@ -190,9 +192,9 @@ class SurfelAvatar(AvatarModel):
         return {"sh_degree": int(self.sh_degree), "view_dependent": bool(self.view_dependent)}
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
-        """``photometric`` (eq. 13) and ``mask_bce`` (eq. 14)."""
-        gt = torch.from_numpy(frame.image)
-        mask = torch.from_numpy(frame.mask)
+        """``photometric`` (eq. 13) and ``mask_bce`` (eq. 14), on the render's device."""
+        gt = torch.from_numpy(frame.image).to(out.rgb.device)
+        mask = torch.from_numpy(frame.mask).to(out.rgb.device)
         return {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(cfg.train.lambda_ssim)),
                 "mask_bce": float(cfg.train.lambda_mask) * mask_bce_loss(out.alpha, mask)}
 
@@ -216,9 +218,11 @@ class SurfelAvatar(AvatarModel):
             dict with ``iterations``, ``seconds``, ``rmse_start``, ``rmse_end`` (colour units,
             head-on view ``d = -n_c``).
         """
-        tgt = torch.as_tensor(np.asarray(colors, np.float32))
+        dev = self.centers.device
+        tgt = torch.as_tensor(np.asarray(colors, np.float32), device=dev)
         S = tgt.shape[0]
-        w = torch.ones(S) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
+        w = torch.ones(S, device=dev) if weights is None else torch.as_tensor(np.asarray(weights, np.float32),
+                                                                              device=dev)
         w = w / w.mean().clamp_min(1e-12)
         normal_c = self.frames[:, :, 2]
         gen = torch.Generator().manual_seed(int(seed))
@@ -239,7 +243,7 @@ class SurfelAvatar(AvatarModel):
                   {"params": list(self.color_mlp.parameters()), "lr": lr_mlp}]
         opt = torch.optim.Adam(params, eps=1e-15)
         for _ in range(int(iters)):
-            r = torch.randn(S, 3, generator=gen)
+            r = torch.randn(S, 3, generator=gen).to(dev)     # drawn on the CPU: the same on every device
             d = torch.nn.functional.normalize(-normal_c + 0.9 * torch.nn.functional.normalize(r, dim=-1), dim=-1)
             d = torch.where(((d * normal_c).sum(-1, keepdim=True) > 0), -d, d)
             opt.zero_grad(set_to_none=True)

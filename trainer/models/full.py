@@ -310,8 +310,8 @@ class FMGSAvatar(AvatarModel):
         cfg: :class:`FullModelConfig` (defaults: the paper's sizes, all fields on).
 
     Buffers: ``centers``, ``frames``, ``scales0``, ``skin_weights``, ``bbox_min/max``.
-    The precomputed grid lookup is a plain attribute (recomputed by :meth:`to`-moves
-    lazily), shared by the three grids.
+    The precomputed grid lookup is a plain attribute (not saved), shared by the three grids;
+    it follows the model's ``.to()`` moves (:class:`~fmgs.trainer.models.base.AvatarModel`).
     Parameters: the three grid tables, pose encoder, geometry / appearance / semantic /
     skinning fields (those switched on), opacity logits ``(S,)`` and, with
     ``use_pose_correction``, ``pose_correction.delta (num_frames, 24, 3)``.
@@ -564,11 +564,14 @@ class FMGSAvatar(AvatarModel):
             :class:`FullPosed`.
         """
         cfg = self.cfg
-        dt = self.centers.dtype
-        rot_in = rot_mats.to(dt)
+        dt, dev = self.centers.dtype, self.centers.device
+        # inputs may come from the CPU (pose_frame without a correction, export checks)
+        rot_in = rot_mats.to(device=dev, dtype=dt)
+        bone_transforms = bone_transforms.to(device=dev, dtype=dt)
+        camera_center = camera_center.to(device=dev, dtype=dt)
         if training:
             rot_in = add_pose_noise(rot_in, cfg.pose_noise_std, cfg.pose_noise_p, generator=generator)
-        joints = normalize_canonical_joints(torch.as_tensor(canonical_joints, dtype=dt, device=self.centers.device))
+        joints = normalize_canonical_joints(torch.as_tensor(canonical_joints, dtype=dt, device=dev))
         z_p = self.pose_encoder(rot_in, joints)                                           # (1, 16)
 
         use_sem = self.semantic_field is not None and semantic
@@ -587,11 +590,11 @@ class FMGSAvatar(AvatarModel):
             z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
 
         W = self.skinning_weights(mu_c, training=training, generator=generator)          # eq. 9
-        lbs = blend_lbs(W, bone_transforms.to(dt), mu_c, R_c)                              # eq. 10-12
+        lbs = blend_lbs(W, bone_transforms, mu_c, R_c)                              # eq. 10-12
 
         d_hat = None
         if self.appearance_field.sh_degree >= 0:
-            d = F.normalize(lbs.means.detach() - camera_center.to(dt)[None], dim=-1)
+            d = F.normalize(lbs.means.detach() - camera_center[None], dim=-1)
             d_hat = canonicalize_view_dirs(d, lbs.transforms.detach())
         colors = self.appearance_field(f_c, z_g, z_p, d_hat)                               # eq. 7
         logits = self.semantic_field(f_s) if use_sem else None                             # eq. 8

@@ -226,6 +226,12 @@ class HashLookup:
         w = self.weights.to(device=device, dtype=dtype)
         return HashLookup(self.indices.to(device), w, self.offsets.to(device), self.table_sizes)
 
+    def apply(self, fn) -> "HashLookup":
+        """A new lookup with ``fn`` applied to its stored tensors (indices, weights, offsets),
+        as :meth:`torch.nn.Module._apply` applies a ``.to()`` / ``.cuda()`` / ``.double()`` move
+        to buffers; the derived flat tensors and the CSR cache are rebuilt where they land."""
+        return HashLookup(fn(self.indices), fn(self.weights), fn(self.offsets), self.table_sizes)
+
 
 class _WeightedGather(torch.autograd.Function):
     """``out[b] = sum_k w[b, k] * table[idx[b, k]]`` for bags ``b`` (first-order autograd only).

@@ -195,14 +195,15 @@ def render_posed(posed, camera, background=None, backend: str = "auto", max_frag
             loss on them reaches the extras only, never the geometry.
 
     Returns:
-        :class:`RenderOutput` at the camera's resolution.
+        :class:`RenderOutput` at the camera's resolution, on the surfels' device.
     """
     x = posed.render_inputs()
-    dt = x["means"].dtype
-    bg = None if background is None else torch.as_tensor(np.asarray(background, np.float64), dtype=dt)
+    dt, dev = x["means"].dtype, x["means"].device
+    bg = None if background is None else torch.as_tensor(np.asarray(background, np.float64), dtype=dt, device=dev)
     return rasterize_surfels(
         x["means"], x["rotations"], x["scales"], x["opacities"], x["colors"],
-        torch.as_tensor(np.asarray(camera.K), dtype=dt), torch.as_tensor(np.asarray(camera.viewmat), dtype=dt),
+        torch.as_tensor(np.asarray(camera.K), dtype=dt, device=dev),
+        torch.as_tensor(np.asarray(camera.viewmat), dtype=dt, device=dev),
         int(camera.width), int(camera.height), extras=x.get("extras"), background=bg, backend=backend,
         max_fragments=max_fragments, extras_weights_only=extras_weights_only,
     )
