@@ -27,7 +27,7 @@ from fmgs.errors import FmgsInputError
 from fmgs.media import write_video
 from fmgs.trainer.engine.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
 from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
-from fmgs.trainer.engine.run import heldout_renders, load_run, render_frame
+from fmgs.trainer.engine.run import heldout_renders, load_run, render_frame, to_host
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ def _refined_renders(model, setup, seq, cfg, indices, refine: RefineSettings):
     for i in tqdm(list(indices), desc="eval (refining poses)", unit="frame"):
         fr, st = refine_frame_pose(model, setup, seq[int(i)], cfg, refine)
         with torch.no_grad():
-            yield (fr, st), render_frame(model, setup, fr, cfg)
+            yield (fr, st), to_host(render_frame(model, setup, fr, cfg))
 
 
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,

@@ -72,14 +72,15 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
     n = int(settings.iterations)
     if n <= 0:
         return frame, {}
-    theta0 = torch.as_tensor(np.asarray(frame.poses, np.float64), dtype=torch.float32).reshape(72)
-    W0 = torch.as_tensor(np.asarray(frame.world_from_body, np.float64), dtype=torch.float32)
-    d_theta = torch.zeros(72, requires_grad=True)
-    d_T = torch.zeros(3, requires_grad=True)
+    dev = next(model.parameters()).device
+    theta0 = torch.as_tensor(np.asarray(frame.poses, np.float64), dtype=torch.float32, device=dev).reshape(72)
+    W0 = torch.as_tensor(np.asarray(frame.world_from_body, np.float64), dtype=torch.float32, device=dev)
+    d_theta = torch.zeros(72, device=dev, requires_grad=True)
+    d_T = torch.zeros(3, device=dev, requires_grad=True)
     opt = torch.optim.Adam([{"params": [d_theta], "lr": float(settings.lr_pose)},
                             {"params": [d_T], "lr": float(settings.lr_translation)}])
-    gt = torch.from_numpy(np.ascontiguousarray(frame.image))
-    mask = torch.from_numpy(np.ascontiguousarray(frame.mask))
+    gt = torch.from_numpy(np.ascontiguousarray(frame.image)).to(dev)
+    mask = torch.from_numpy(np.ascontiguousarray(frame.mask)).to(dev)
     lam_ssim, lam_mask = float(cfg.train.lambda_ssim), float(cfg.train.lambda_mask)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -100,8 +101,8 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
         for p in frozen:
             p.requires_grad_(True)
     with torch.no_grad():
-        poses = (theta0 + d_theta).numpy().astype(np.float32)
-        T = (W0[:3, 3] + d_T).double().numpy()
+        poses = (theta0 + d_theta).cpu().numpy().astype(np.float32)
+        T = (W0[:3, 3] + d_T).double().cpu().numpy()
     world_from_body = np.asarray(frame.world_from_body, np.float64).copy()
     world_from_body[:3, 3] = T
     # A refined joint-0 rotation stays in ``poses[:3]`` (it turns the body about the pelvis
@@ -110,4 +111,4 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
     dR = np.abs(poses.astype(np.float64) - np.asarray(frame.poses, np.float64)).reshape(24, 3)
     rot_deg = float(np.degrees(np.linalg.norm(dR, axis=1).max()))
     return refined, {"loss_first": losses[0], "loss_last": losses[-1], "rotation_deg": rot_deg,
-                     "translation_mm": float(1e3 * np.linalg.norm(d_T.detach().numpy()))}
+                     "translation_mm": float(1e3 * np.linalg.norm(d_T.detach().cpu().numpy()))}

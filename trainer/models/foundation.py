@@ -185,7 +185,7 @@ class SurfelAvatar(AvatarModel):
         """:meth:`forward` at an explicit pose; gradients reach ``theta (72,)`` and
         ``world_from_body (4, 4)`` (:func:`~fmgs.trainer.models.base.bone_transforms_torch`)."""
         _, B = bone_transforms_torch(theta, setup.rest_joints, setup.canonical_G, world_from_body)
-        return self(B, torch.as_tensor(frame.camera.center, dtype=theta.dtype))
+        return self(B, torch.as_tensor(frame.camera.center, dtype=theta.dtype, device=theta.device))
 
     def bundle_info(self) -> dict:
         """SH degree and view dependence of the colour."""

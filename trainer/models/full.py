@@ -621,8 +621,9 @@ class FMGSAvatar(AvatarModel):
         """:meth:`forward` at an explicit pose (no per-frame correction, no semantic outputs);
         gradients reach ``theta (72,)`` and ``world_from_body (4, 4)``."""
         rot, B = bone_transforms_torch(theta, setup.rest_joints, setup.canonical_G, world_from_body)
-        return self(rot, B, torch.as_tensor(frame.camera.center, dtype=theta.dtype),
-                    torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=theta.dtype), training=False,
+        return self(rot, B, torch.as_tensor(frame.camera.center, dtype=theta.dtype, device=theta.device),
+                    torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=theta.dtype, device=theta.device),
+                    training=False,
                     semantic=False)
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
