@@ -426,3 +426,26 @@ def test_coordinated_backward_on_a_toy_graph():
     assert BLOCKED["normal"] == {"means"}
     with pytest.raises(KeyError):
         coordinated_backward(inputs, {"dpeth": depth})
+
+
+def test_knotted_pose_correction_from_the_run_config(real, zju377, smpl_path):
+    """``model.full.pose_correction_every=8`` over 20 training frames: 4 knots, the model
+    describes 20 frames and spacing 8 (what load_run rebuilds it from), and posing a
+    training frame between knots uses the interpolated correction."""
+    cfg, seq, setup = real
+    from omegaconf import OmegaConf
+
+    c2 = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["model.full.pose_correction_every=8"]))
+    model = FMGSAvatar(setup.surfels, FullModelConfig.from_run_config(c2, num_frames=20))
+    pc = model.pose_correction
+    assert pc.delta.shape == (4, 24, 3)
+    assert model.describe() == {"kind": "full", "num_frames": 20, "pose_correction_every": 8}
+    with torch.no_grad():
+        pc.delta[1, 5] = torch.tensor([0.2, 0.0, 0.0])
+    fr = seq[0]
+    rot, _ = pose_frame(fr.poses, 6, pc, setup.rest_joints, setup.canonical_G, fr.world_from_body,
+                        dtype=torch.float64)
+    expect = np.asarray(fr.poses, np.float64).reshape(24, 3)[5] + [0.2 * 6 / 8, 0.0, 0.0]  # knot 1 sits at frame 8
+    from scipy.spatial.transform import Rotation
+
+    np.testing.assert_allclose(rot[5].detach().numpy(), Rotation.from_rotvec(expect).as_matrix(), atol=1e-6)
