@@ -139,6 +139,10 @@ class FullSettings:
             iteration, in (0, 1] (1 = all).
         semantic_field: semantic field, eq. 8.
         pose_correction: learnable per-frame pose correction theta_p.
+        pose_input: what the pose encoder reads of each joint rotation ``R``: ``relative`` =
+            ``(R - I) / pose_input_scale`` (zero at rest; see ``HierarchicalPoseEncoder``), or
+            ``rotation`` = the raw entries (LEAP / 3DGS-Avatar; learns a nearly constant Z_p).
+        pose_input_scale: divisor of ``R - I`` in the relative mode (> 0).
         pose_noise_std: training pose augmentation N(0, std^2) on the encoder's rotation entries ...
         pose_noise_p: ... applied with this probability per iteration (3DGS-Avatar).
         max_displacement: soft bound (m) of the field's normal displacement delta_d,
@@ -154,6 +158,8 @@ class FullSettings:
     skinning_subset: float = 0.25
     semantic_field: bool = True
     pose_correction: bool = True
+    pose_input: str = "relative"
+    pose_input_scale: float = 0.1
     pose_noise_std: float = 0.1
     pose_noise_p: float = 0.5
     max_displacement: float = 0.02
@@ -371,6 +377,7 @@ CHOICES = {
     "model.kind": ("foundation", "full"),
     "surfels.canonical_pose": ("star", "tpose"),
     "model.full.skinning_query": ("canonical", "corrected"),
+    "model.full.pose_input": ("relative", "rotation"),
     "init.kind": ("none", "aggregate"),
     "init.visibility": ("mesh", "surfels"),
     "train.backend": ("auto", "cpu", "gsplat"),
@@ -398,6 +405,7 @@ RANGES = {
     "model.full.geometry_width": (1, 4096, True, True),
     "model.full.appearance_hidden": (0, 16, True, True),
     "model.full.skinning_subset": (0.0, 1.0, False, True),
+    "model.full.pose_input_scale": (0.0, None, False, True),
     "model.full.pose_noise_std": (0.0, None, True, True),
     "model.full.pose_noise_p": (0.0, 1.0, True, True),
     "model.full.max_displacement": (0.0, None, True, True),
