@@ -160,7 +160,11 @@ def residual_stats(model, Z, labels) -> dict:
                 "dr_std_deg": float(dr_std[m].mean())}
 
     limbs, torso = group(LIMB_PARTS), group(TORSO_PARTS)
-    return {"dd_std_mm_mean": float(dd_std.mean()), "dd_std_mm_p95": float(dd_std.quantile(0.95)),
+    md = float(model.cfg.max_displacement)
+    sat = float((mean["delta_d"].abs() > 0.95 * md).float().mean()) if md > 0 else 0.0
+    return {"dd_std_mm_mean": float(dd_std.mean()),
+            "dd_signed_mm_mean": float(mean["delta_d"].mean() * 1000.0), "bound_mm": md * 1000.0,
+            "saturated_fraction": sat, "dd_std_mm_p95": float(dd_std.quantile(0.95)),
             "dd_std_mm_max": float(dd_std.max()), "dd_abs_mm_mean": float(dd_abs.mean()),
             "ds_std_mean": float(ds_std.mean()), "dr_std_deg_mean": float(dr_std.mean()),
             "color_std_mean": float(col_std.mean()),
@@ -297,7 +301,8 @@ def main(argv=None) -> int:
         r = report["residual"]
         print(f"geometry residual over poses: std(delta_d) mean {r['dd_std_mm_mean']:.4f} mm, p95 "
               f"{r['dd_std_mm_p95']:.4f} mm, max {r['dd_std_mm_max']:.3f} mm (mean |delta_d| "
-              f"{r['dd_abs_mm_mean']:.3f} mm); rotation {r['dr_std_deg_mean']:.4f} deg; colour "
+              f"{r['dd_abs_mm_mean']:.3f} mm, signed {r['dd_signed_mm_mean']:+.3f} mm; bound {r['bound_mm']:g} mm, "
+              f"{100 * r['saturated_fraction']:.1f} % of the surfels beyond 95 % of it); rotation {r['dr_std_deg_mean']:.4f} deg; colour "
               f"{r['color_std_mean']:.5f}; limbs / torso std(delta_d) = {r['limbs']['dd_std_mm']:.4f} / "
               f"{r['torso']['dd_std_mm']:.4f} mm ({r['limb_to_torso_dd']:.2f}x)\n")
         print("| part | surfels | std delta_d (mm) | p95 (mm) | mean abs delta_d (mm) | std delta_r (deg) | std colour |")

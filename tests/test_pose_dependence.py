@@ -124,3 +124,26 @@ def test_bad_encoder_settings_are_rejected():
         load_config(None, ["model.full.pose_input=quaternion"])
     with pytest.raises(FmgsInputError, match="pose_input_scale"):
         load_config(None, ["model.full.pose_input_scale=0"])
+
+
+def test_exported_encoder_takes_raw_rotations(tmp_path):
+    """The normalisation is inside the graph: ONNX Runtime on raw rotation matrices gives the
+    trainer's Z_p."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fmgs.export.modules import PoseEncoderModule
+    from fmgs.export.onnx_export import _export
+
+    torch.manual_seed(0)
+    enc = HierarchicalPoseEncoder(16, input_mode="relative", input_scale=0.1)
+    J = normalize_canonical_joints(torch.randn(24, 3))
+    pe = PoseEncoderModule(enc, J)
+    _export(pe, (torch.eye(3).expand(24, 3, 3).contiguous(),), ["rot_mats"], ["pose_code"], set(),
+            tmp_path / "pose_encoder.onnx")
+    R = pose_rotation_matrices(torch.randn(1, 72) * 0.4)[0].contiguous()
+    sess = ort.InferenceSession(str(tmp_path / "pose_encoder.onnx"), providers=["CPUExecutionProvider"])
+    (z,) = sess.run(None, {"rot_mats": R.numpy()})
+    with torch.no_grad():
+        ref = enc(R, J).numpy()
+    assert abs(z - ref).max() < 1e-5
+    assert abs(ref - enc(torch.eye(3).expand(24, 3, 3), J).detach().numpy()).max() > 1e-3   # depends on R
