@@ -146,7 +146,9 @@ class FullSettings:
         pose_noise_std: training pose augmentation N(0, std^2) on the encoder's rotation entries ...
         pose_noise_p: ... applied with this probability per iteration (3DGS-Avatar).
         max_displacement: soft bound (m) of the field's normal displacement delta_d,
-            ``d_max tanh(delta_d / d_max)``; 0 = unbounded (the paper).
+            ``d_max tanh(delta_d / d_max)``; 0 = unbounded (the paper's eq. 4; default: a 2 cm
+            bound saturated on ~99 % of the surfels within 300 iterations, which zeroes the
+            gradient of delta_d and so its pose dependence; docs/benchmarks.md).
         static_offsets: per-surfel pose-free displacement and log-scale under the field.
     """
 
@@ -162,7 +164,7 @@ class FullSettings:
     pose_input_scale: float = 0.1
     pose_noise_std: float = 0.1
     pose_noise_p: float = 0.5
-    max_displacement: float = 0.02
+    max_displacement: float = 0.0
     static_offsets: bool = True
 
 

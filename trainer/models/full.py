@@ -129,7 +129,9 @@ class FullModelConfig:
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
         init_opacity: initial surfel opacity (0.9, as the foundation).
         max_displacement: soft bound (metres) of the field's normal displacement,
-            ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4).
+            ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4, and the
+            default: a bound the field runs into saturates, ``tanh' ~ 0``, and the displacement
+            can no longer follow the pose).
         static_offsets: learnable per-surfel, pose-free offsets under the geometry field:
             ``mu_b = mu + n * d`` and ``s_b = s * exp(delta_s)`` (the foundation model's
             static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
