@@ -120,11 +120,16 @@ class FullModelConfig:
             default (the paper gives no stop-gradient there); on, the normal losses under
             the coordinated strategy cannot reach ``delta_d`` through
             ``delta_d -> mu' -> W -> T -> R_o`` (see :mod:`fmgs.trainer.losses.coordinated`).
+        pose_input, pose_input_scale: what the pose encoder reads of each joint rotation
+            (:class:`~fmgs.trainer.models.fields.HierarchicalPoseEncoder`: ``"relative"`` =
+            ``(R - I) / pose_input_scale``, ``"rotation"`` = raw entries).
         pose_noise_std, pose_noise_p: training-time pose augmentation
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
         init_opacity: initial surfel opacity (0.9, as the foundation).
         max_displacement: soft bound (metres) of the field's normal displacement,
-            ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4).
+            ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4, and the
+            default: a bound the field runs into saturates, ``tanh' ~ 0``, and the displacement
+            can no longer follow the pose).
         static_offsets: learnable per-surfel, pose-free offsets under the geometry field:
             ``mu_b = mu + n * d`` and ``s_b = s * exp(delta_s)`` (the foundation model's
             static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
@@ -162,6 +167,8 @@ class FullModelConfig:
     skinning_query: str = FullSettings.skinning_query
     skinning_subset: float = FullSettings.skinning_subset
     detach_skinning_query: bool = False
+    pose_input: str = FullSettings.pose_input
+    pose_input_scale: float = FullSettings.pose_input_scale
     pose_noise_std: float = FullSettings.pose_noise_std
     pose_noise_p: float = FullSettings.pose_noise_p
     init_opacity: float = 0.9
@@ -194,6 +201,7 @@ class FullModelConfig:
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
             pose_correction_every=int(f.pose_correction_every),
             static_offsets=bool(f.static_offsets), max_displacement=float(f.max_displacement),
+            pose_input=str(f.pose_input), pose_input_scale=float(f.pose_input_scale),
             pose_noise_std=float(f.pose_noise_std), pose_noise_p=float(f.pose_noise_p),
             init_opacity=float(cfg.surfels.init_opacity))
 
@@ -351,7 +359,8 @@ class FMGSAvatar(AvatarModel):
             normalize_to_bbox(centers, bmin, bmax, padding=cfg.grid_padding))
         fdim = self.geometry_grid.output_dim
 
-        self.pose_encoder = HierarchicalPoseEncoder(code_dim=cfg.pose_dim)
+        self.pose_encoder = HierarchicalPoseEncoder(code_dim=cfg.pose_dim, input_mode=cfg.pose_input,
+                                                    input_scale=cfg.pose_input_scale)
         self.geometry_field = (GeometryResidualField(fdim, cfg.pose_dim, cfg.geometry_latent_dim,
                                                      cfg.geometry_width, cfg.geometry_hidden)
                                if cfg.use_geometry_field else None)
