@@ -145,7 +145,7 @@ def bake_foundation(run: LoadedRun, fold: bool) -> Baked:
 
     m = run.model
     n = m.frames[:, :, 2]
-    mu = m.centers + n * m.displacement[:, None]                                # static eq. 4
+    mu = m.static_centers()                                                     # static eq. 4 (+ offsets)
     scales = torch.exp(m.log_scales0 + m.log_scale_delta)                      # static eq. 5
     opac = torch.sigmoid(m.opacity_logit)
     f_c = m.canonical_features()

@@ -1,0 +1,198 @@
+"""Mesh-guided densification of canonical surfels: 1-to-4 midpoint subdivision of
+selected faces of the upsampled template. Torch-free.
+
+3DGS (Kerbl et al. 2023, Sec. 5.2) densifies Gaussians whose view-space position
+gradients are large by cloning or splitting them in free space. Here the surfels are
+bound to the faces of the canonical mesh (FMGS-Avatar Sec. 4.1.1), so a surfel is
+"split" by subdividing its face: face ``(a, b, c)`` with edge midpoints ``ab, bc, ca``
+becomes the four faces ``(a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca)`` (the
+pattern of :func:`fmgs.surfels.subdivide_midpoint`), and the face's surfel is replaced
+by one surfel per child face. Everything stays on the template surface:
+
+* child centre = barycentre of the child face, i.e. the point of barycentric
+  coordinates :data:`CHILD_BARY` in the parent face (on the parent face's plane);
+* child frame from the child face (:func:`fmgs.surfels.surfel_frames`): the same normal
+  as the parent, since the child lies in the parent's plane;
+* child scales = parent's / 2 (a quarter of the area: the rule of
+  :data:`fmgs.surfels.SCALE_RULE_K` applied to the child face);
+* child skinning weights = barycentric interpolation of the upsampled mesh's vertex
+  weights at :data:`CHILD_BARY` (SMPL's weights are linear over each SMPL face, so this
+  equals SMPL's weights at the child centre, as for the surfels of
+  :func:`fmgs.surfels.build_canonical_surfels`);
+* part label and parent SMPL face copied; ``parent_bary`` recomputed in the SMPL face.
+
+Only the selected faces are split, so the mesh gets T-junctions (hanging midpoints) on
+the edges between a split and an unsplit face. A midpoint that already exists as a vertex
+(its other face was split earlier) is reused, so two split neighbours share it again.
+Surfel adjacency (``face_adjacency``) keeps conforming edges and adds the pairs across
+one level of hanging edge (the unsplit face and the two children along its edge).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fmgs.errors import FmgsInputError
+from fmgs.surfels import CanonicalSurfels, edge_face_adjacency, surfel_frames
+
+__all__ = ["CHILD_BARY", "subdivide_faces", "replay_densification"]
+
+#: (4, 3) barycentric coordinates of the four child-face centres in their parent face
+#: ``(a, b, c)``, children in the order of :func:`fmgs.surfels.subdivide_midpoint`.
+CHILD_BARY = np.array([[4, 1, 1], [1, 4, 1], [1, 1, 4], [2, 2, 2]], np.float64) / 6.0
+
+
+def _barycentric_in(tri: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Barycentric coordinates (float64, rows sum to 1) of ``pts (N,3)`` projected onto the
+    planes of triangles ``tri (N,3,3)`` (least squares on the two edge vectors)."""
+    e1 = tri[:, 1] - tri[:, 0]
+    e2 = tri[:, 2] - tri[:, 0]
+    d = pts - tri[:, 0]
+    a11, a12, a22 = (e1 * e1).sum(1), (e1 * e2).sum(1), (e2 * e2).sum(1)
+    b1, b2 = (d * e1).sum(1), (d * e2).sum(1)
+    det = a11 * a22 - a12 * a12
+    v = (a22 * b1 - a12 * b2) / det
+    w = (a11 * b2 - a12 * b1) / det
+    return np.stack([1.0 - v - w, v, w], 1)
+
+
+def subdivide_faces(surfels: CanonicalSurfels, face_ids) -> tuple[CanonicalSurfels, np.ndarray]:
+    """Split the surfels of ``face_ids`` into four each by 1-to-4 subdivision of their faces.
+
+    Args:
+        surfels: canonical surfels (module docstring of :mod:`fmgs.surfels`).
+        face_ids: int indices of surfels (= faces) to split; duplicates are ignored.
+
+    Returns:
+        ``(new_surfels, source)``: the densified surfels, the unsplit ones first in their
+        old order, then the children of ``unique(face_ids)`` in ascending face order, four
+        per parent (:data:`CHILD_BARY` order); ``source`` is ``(S_new,)`` int64: the old
+        surfel each new surfel comes from (itself or its parent), for carrying per-surfel
+        learnt values.
+
+    Raises:
+        FmgsInputError: a face id out of range.
+    """
+    S = surfels.num_surfels
+    sel = np.unique(np.asarray(face_ids, dtype=np.int64).reshape(-1))
+    if sel.size and (sel[0] < 0 or sel[-1] >= S):
+        raise FmgsInputError(f"densification face ids must be in 0..{S - 1}, got {sel[0]}..{sel[-1]}")
+    keep = np.ones(S, bool)
+    keep[sel] = False
+    keep_idx = np.nonzero(keep)[0]
+    source = np.concatenate([keep_idx, np.repeat(sel, 4)]).astype(np.int64)
+    if sel.size == 0:
+        return replace(surfels), source
+
+    verts = np.asarray(surfels.verts)
+    faces = np.asarray(surfels.faces, np.int64)
+    vw = np.asarray(surfels.mesh_skin_weights)
+    V = len(verts)
+    # Midpoints of the selected faces' edges, one per undirected edge; computed in float32 as
+    # the stored vertices are, so that a midpoint created earlier is found bit-exactly.
+    pf = faces[sel]                                                   # (n, 3) a, b, c
+    e = np.concatenate([pf[:, [0, 1]], pf[:, [1, 2]], pf[:, [2, 0]]])
+    key = e.min(1) * V + e.max(1)
+    ukey, inv = np.unique(key, return_inverse=True)
+    lo, hi = ukey // V, ukey % V
+    mid = (0.5 * (verts[lo].astype(np.float64) + verts[hi].astype(np.float64))).astype(verts.dtype)
+    mid_w = (0.5 * (vw[lo].astype(np.float64) + vw[hi].astype(np.float64))).astype(vw.dtype)
+    existing = {verts[i].tobytes(): i for i in range(V)}
+    mid_index = np.empty(len(ukey), np.int64)
+    new_v, new_w = [], []
+    for k in range(len(ukey)):
+        j = existing.get(mid[k].tobytes())
+        if j is None:
+            j = V + len(new_v)
+            new_v.append(mid[k])
+            new_w.append(mid_w[k])
+            existing[mid[k].tobytes()] = j
+        mid_index[k] = j
+    verts2 = np.concatenate([verts, np.asarray(new_v, verts.dtype).reshape(-1, 3)])
+    vw2 = np.concatenate([vw, np.asarray(new_w, vw.dtype).reshape(-1, vw.shape[1])])
+    mids = mid_index[inv].reshape(3, -1).T                            # (n, 3): ab, bc, ca
+    a, b, c = pf.T
+    ab, bc, ca = mids.T
+    child_faces = np.stack([np.stack([a, ab, ca], 1), np.stack([ab, b, bc], 1),
+                            np.stack([ca, bc, c], 1), np.stack([ab, bc, ca], 1)], 1).reshape(-1, 3)
+    faces2 = np.concatenate([faces[keep_idx], child_faces])
+
+    par = np.repeat(sel, 4)
+    tri = verts2[child_faces].astype(np.float64)
+    centers_c = tri.mean(1)
+    rot_c, _ = surfel_frames(tri)
+    cb = np.tile(CHILD_BARY, (len(sel), 1))                           # (4n, 3)
+    skin_c = np.einsum("sk,skj->sj", cb, vw[faces[par]].astype(np.float64))
+    skin_c /= skin_c.sum(1, keepdims=True)
+    smpl_tri = np.asarray(surfels.smpl_verts, np.float64)[np.asarray(surfels.smpl_faces)[surfels.parent_face[par]]]
+    pbary_c = _barycentric_in(smpl_tri, centers_c)
+
+    def cat(old, new):
+        old = np.asarray(old)
+        return np.concatenate([old[keep_idx], np.asarray(new).astype(old.dtype)])
+
+    out = replace(
+        surfels,
+        centers=cat(surfels.centers, centers_c),
+        rotations=cat(surfels.rotations, rot_c),
+        scales=cat(surfels.scales, 0.5 * np.asarray(surfels.scales, np.float64)[par]),
+        skin_weights=cat(surfels.skin_weights, skin_c),
+        part_labels=cat(surfels.part_labels, np.asarray(surfels.part_labels)[par]),
+        parent_face=cat(surfels.parent_face, np.asarray(surfels.parent_face)[par]),
+        parent_bary=cat(surfels.parent_bary, pbary_c),
+        verts=verts2,
+        faces=faces2,
+        mesh_skin_weights=vw2,
+        face_adjacency=_adjacency_with_hanging(verts2, faces2),
+    )
+    return out, source
+
+
+def _adjacency_with_hanging(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """:func:`fmgs.surfels.edge_face_adjacency` plus, for every edge ``(p, q)`` used by a
+    single face whose midpoint ``m`` is a vertex, the pairs of that face with the faces
+    using ``(p, m)`` or ``(m, q)`` (one level of T-junction)."""
+    pairs = [edge_face_adjacency(faces)]
+    F = len(faces)
+    V = len(verts)
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    fid = np.tile(np.arange(F, dtype=np.int64), 3)
+    key = e.min(1) * V + e.max(1)
+    uk, counts = np.unique(key, return_counts=True)
+    lone = np.isin(key, uk[counts == 1])
+    if lone.any():
+        edge_faces: dict[int, list[int]] = {}
+        for k, f in zip(key.tolist(), fid.tolist()):
+            edge_faces.setdefault(k, []).append(f)
+        pos = {verts[i].tobytes(): i for i in range(V)}
+        extra = []
+        for (p, q), f in zip(e[lone], fid[lone]):
+            m = pos.get(((verts[p].astype(np.float64) + verts[q].astype(np.float64)) * 0.5)
+                        .astype(verts.dtype).tobytes())
+            if m is None:
+                continue
+            for u in (p, q):
+                for g in edge_faces.get(min(u, m) * V + max(u, m), ()):
+                    if g != f:
+                        extra.append((min(f, g), max(f, g)))
+        if extra:
+            pairs.append(np.asarray(extra, np.int64))
+    return np.unique(np.concatenate(pairs), axis=0).astype(np.int64)
+
+
+def replay_densification(surfels: CanonicalSurfels, steps) -> tuple[CanonicalSurfels, list[np.ndarray]]:
+    """Apply recorded densification steps in order (what a checkpoint stores).
+
+    Args:
+        surfels: the template surfels the run started from.
+        steps: sequence of int arrays, the ``face_ids`` of each :func:`subdivide_faces` call.
+
+    Returns:
+        ``(surfels, sources)``: the densified surfels and each step's ``source`` array.
+    """
+    sources = []
+    for ids in steps:
+        surfels, src = subdivide_faces(surfels, ids)
+        sources.append(src)
+    return surfels, sources
