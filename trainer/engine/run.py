@@ -229,8 +229,12 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
                              f"model.kind={cfg.model.kind!r}", checkpoint_path(run_dir))
     model = build_model(cfg, setup, num_frames=num_frames)
     replay_on_model(model, info.get("densify"))
+    weights = dict(state["model"])
+    if getattr(model, "offset", None) is not None and "offset" not in weights:
+        # a run from before the free offsets (model.offsets.enabled now on by default): o = 0
+        weights["offset"] = torch.zeros_like(model.offset)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[1:4])
