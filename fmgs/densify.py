@@ -98,19 +98,11 @@ def subdivide_faces(surfels: CanonicalSurfels, face_ids) -> tuple[CanonicalSurfe
     lo, hi = ukey // V, ukey % V
     mid = (0.5 * (verts[lo].astype(np.float64) + verts[hi].astype(np.float64))).astype(verts.dtype)
     mid_w = (0.5 * (vw[lo].astype(np.float64) + vw[hi].astype(np.float64))).astype(vw.dtype)
-    existing = {verts[i].tobytes(): i for i in range(V)}
-    mid_index = np.empty(len(ukey), np.int64)
-    new_v, new_w = [], []
-    for k in range(len(ukey)):
-        j = existing.get(mid[k].tobytes())
-        if j is None:
-            j = V + len(new_v)
-            new_v.append(mid[k])
-            new_w.append(mid_w[k])
-            existing[mid[k].tobytes()] = j
-        mid_index[k] = j
-    verts2 = np.concatenate([verts, np.asarray(new_v, verts.dtype).reshape(-1, 3)])
-    vw2 = np.concatenate([vw, np.asarray(new_w, vw.dtype).reshape(-1, vw.shape[1])])
+    mid_index, fresh = _match_rows(verts, mid)
+    new_v, new_w = mid[fresh], mid_w[fresh]
+    mid_index[fresh] = V + np.arange(int(fresh.sum()))
+    verts2 = np.concatenate([verts, new_v])
+    vw2 = np.concatenate([vw, new_w])
     mids = mid_index[inv].reshape(3, -1).T                            # (n, 3): ab, bc, ca
     a, b, c = pf.T
     ab, bc, ca = mids.T
@@ -149,35 +141,45 @@ def subdivide_faces(surfels: CanonicalSurfels, face_ids) -> tuple[CanonicalSurfe
     return out, source
 
 
+def _match_rows(verts: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``pts (N,3)``: the index of a bit-identical row of ``verts``, and a mask
+    of the rows with none (their index is left -1)."""
+    V = len(verts)
+    rows = np.ascontiguousarray(np.concatenate([verts, pts.astype(verts.dtype)])).view(np.int32)
+    _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    hit = first[inv.reshape(-1)[V:]]
+    fresh = hit >= V
+    return np.where(fresh, -1, hit).astype(np.int64), fresh
+
+
 def _adjacency_with_hanging(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """:func:`fmgs.surfels.edge_face_adjacency` plus, for every edge ``(p, q)`` used by a
     single face whose midpoint ``m`` is a vertex, the pairs of that face with the faces
     using ``(p, m)`` or ``(m, q)`` (one level of T-junction)."""
     pairs = [edge_face_adjacency(faces)]
-    F = len(faces)
-    V = len(verts)
+    F, V = len(faces), len(verts)
     e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     fid = np.tile(np.arange(F, dtype=np.int64), 3)
     key = e.min(1) * V + e.max(1)
-    uk, counts = np.unique(key, return_counts=True)
-    lone = np.isin(key, uk[counts == 1])
-    if lone.any():
-        edge_faces: dict[int, list[int]] = {}
-        for k, f in zip(key.tolist(), fid.tolist()):
-            edge_faces.setdefault(k, []).append(f)
-        pos = {verts[i].tobytes(): i for i in range(V)}
+    order = np.argsort(key, kind="stable")
+    skey, sfid = key[order], fid[order]
+    count = np.searchsorted(skey, key, "right") - np.searchsorted(skey, key, "left")
+    lone = np.nonzero(count == 1)[0]
+    if lone.size:
+        p, q = e[lone, 0], e[lone, 1]
+        mid = (0.5 * (verts[p].astype(np.float64) + verts[q].astype(np.float64))).astype(verts.dtype)
+        m, fresh = _match_rows(verts, mid)
+        ok = ~fresh
+        f, p, q, m = fid[lone][ok], p[ok], q[ok], m[ok]
         extra = []
-        for (p, q), f in zip(e[lone], fid[lone]):
-            m = pos.get(((verts[p].astype(np.float64) + verts[q].astype(np.float64)) * 0.5)
-                        .astype(verts.dtype).tobytes())
-            if m is None:
-                continue
-            for u in (p, q):
-                for g in edge_faces.get(min(u, m) * V + max(u, m), ()):
-                    if g != f:
-                        extra.append((min(f, g), max(f, g)))
-        if extra:
-            pairs.append(np.asarray(extra, np.int64))
+        for u in (p, q):
+            k = np.minimum(u, m) * V + np.maximum(u, m)
+            lo = np.searchsorted(skey, k, "left")
+            for off in (0, 1):                          # an edge has at most two faces here
+                pos = np.minimum(lo + off, len(skey) - 1)
+                hit = (skey[pos] == k) & (sfid[pos] != f)
+                extra.append(np.stack([np.minimum(f[hit], sfid[pos][hit]), np.maximum(f[hit], sfid[pos][hit])], 1))
+        pairs += extra
     return np.unique(np.concatenate(pairs), axis=0).astype(np.int64)
 
 
