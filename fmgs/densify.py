@@ -146,8 +146,14 @@ def _match_rows(verts: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndar
     of the rows with none (their index is left -1)."""
     V = len(verts)
     rows = np.ascontiguousarray(np.concatenate([verts, pts.astype(verts.dtype)])).view(np.int32)
-    _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    hit = first[inv.reshape(-1)[V:]]
+    order = np.lexsort((np.arange(len(rows)), rows[:, 2], rows[:, 1], rows[:, 0]))
+    r = rows[order]
+    new_group = np.ones(len(r), bool)
+    new_group[1:] = np.any(r[1:] != r[:-1], axis=1)
+    group_first = order[np.nonzero(new_group)[0]][np.cumsum(new_group) - 1]   # smallest index of each row's group
+    first = np.empty(len(rows), np.int64)
+    first[order] = group_first
+    hit = first[V:]
     fresh = hit >= V
     return np.where(fresh, -1, hit).astype(np.int64), fresh
 
@@ -180,7 +186,9 @@ def _adjacency_with_hanging(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
                 hit = (skey[pos] == k) & (sfid[pos] != f)
                 extra.append(np.stack([np.minimum(f[hit], sfid[pos][hit]), np.maximum(f[hit], sfid[pos][hit])], 1))
         pairs += extra
-    return np.unique(np.concatenate(pairs), axis=0).astype(np.int64)
+    allp = np.concatenate(pairs).astype(np.int64)
+    k = np.unique(allp[:, 0] * F + allp[:, 1])
+    return np.stack([k // F, k % F], 1)
 
 
 def replay_densification(surfels: CanonicalSurfels, steps) -> tuple[CanonicalSurfels, list[np.ndarray]]:
