@@ -168,8 +168,8 @@ class OffsetSettings:
     ``mu_b = mu + n d + o``: a free 3-vector ``o`` (metres, canonical frame) per surfel on top
     of the static normal displacement ``d``, with no hard bound. What keeps it honest: the
     silhouette (mask BCE of eq. 14), the normal terms of the full model, and an umbrella-
-    Laplacian smoothness over the surfel adjacency of the mesh (:func:`fmgs.trainer.models.
-    densify.offset_laplacian_loss`), which leaves constant and linearly varying offsets
+    Laplacian smoothness over the surfel adjacency of the mesh (:func:`fmgs.trainer.losses.
+    terms.offset_laplacian_loss`), which leaves constant and linearly varying offsets
     free (a garment standing off the body) and penalises wrinkles and lone surfels.
 
     Attributes:

@@ -111,7 +111,7 @@ def test_bad_face_ids_are_a_clear_error(template):
 
 
 def test_offset_laplacian_is_zero_for_constant_offsets_and_matches_brute_force():
-    from fmgs.trainer.models.densify import offset_laplacian_loss
+    from fmgs.trainer.losses.terms import offset_laplacian_loss
 
     pairs = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 3]])
     const = torch.full((5, 3), 0.3, dtype=torch.float64)

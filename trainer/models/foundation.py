@@ -37,7 +37,7 @@ from torch import nn
 from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup, frame_bone_transforms, inverse_sigmoid
-from fmgs.trainer.models.densify import offset_laplacian_loss
+from fmgs.trainer.losses.terms import offset_laplacian_loss
 from fmgs.trainer.models.fields import blend_lbs, sh_basis
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
@@ -223,7 +223,7 @@ class SurfelAvatar(AvatarModel):
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
         """``photometric`` (eq. 13), ``mask_bce`` (eq. 14) and, with offsets, ``offset_smooth``
-        (``model.offsets.lambda_laplacian`` x :func:`~fmgs.trainer.models.densify.offset_laplacian_loss`)."""
+        (``model.offsets.lambda_laplacian`` x :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss`)."""
         gt = torch.from_numpy(frame.image)
         mask = torch.from_numpy(frame.mask)
         groups = {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(cfg.train.lambda_ssim)),

@@ -50,7 +50,8 @@ from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.coordinated import coordinated_backward
 from fmgs.trainer.losses.objectives import full_loss_groups
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup, inverse_sigmoid
-from fmgs.trainer.models.densify import gather_rows, offset_laplacian_loss
+from fmgs.trainer.losses.terms import offset_laplacian_loss
+from fmgs.trainer.models.densify import gather_rows
 from fmgs.body_model import NUM_JOINTS
 from fmgs.priors import NUM_SAPIENS_CLASSES
 from fmgs.trainer.models.fields import (
@@ -665,7 +666,7 @@ class FMGSAvatar(AvatarModel):
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
         """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`);
         with offsets, ``model.offsets.lambda_laplacian`` x
-        :func:`~fmgs.trainer.models.densify.offset_laplacian_loss` joins the unrestricted ``regularisers``."""
+        :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss` joins the unrestricted ``regularisers``."""
         groups = full_loss_groups(cfg, out, posed, self, frame, prior, iteration, generator=generator)
         lam = float(cfg.model.offsets.lambda_laplacian)
         if self.offset is not None and lam > 0:
