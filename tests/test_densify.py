@@ -24,7 +24,8 @@ from fmgs.densify import CHILD_BARY, subdivide_faces
 TINY = ["data.image_size=64", "data.train_range=[0,12]", "data.train_step=3", "data.test_range=[455,460]",
         "data.test_step=5", "train.log_every=1", "train.image_every=0", "train.threads=1",
         "train.eval_at_end=false"]
-DENSE = ["model.offsets.enabled=true", "model.densify.at=[0.5]", "model.densify.fraction=0.02",
+# the un-subdivided template (13,776 surfels) keeps the end-to-end tests fast
+DENSE = ["surfels.subdivisions=0", "model.offsets.enabled=true", "model.densify.at=[0.5]", "model.densify.fraction=0.02",
          "train.iterations=10", "train.lr_final_ratio=0.1"]
 
 
@@ -123,19 +124,17 @@ def test_offset_laplacian_is_zero_for_constant_offsets_and_matches_brute_force()
 
 
 @pytest.mark.parametrize("kind", ["foundation", "full"])
-def test_optimizer_state_follows_the_densified_parameters(kind, template, zju377, data_root):
+def test_optimizer_state_follows_the_densified_parameters(kind, zju377, data_root):
     from fmgs.config import load_config
     from fmgs.trainer.engine.run import build_setup, make_optimizer, open_sequence
-    from fmgs.trainer.models.base import AvatarSetup
     from fmgs.trainer.models.densify import densify_model
     from fmgs.trainer.engine.run import MODELS
 
     os.environ["FMGS_DATA"] = str(data_root)
-    cfg = load_config(None, [*TINY, f"model.kind={kind}", "model.offsets.enabled=true",
+    cfg = load_config(None, [*TINY, f"model.kind={kind}", "model.offsets.enabled=true", "surfels.subdivisions=0",
                              "model.full.semantic_field=false", "model.full.skinning_field=false"])
     seq = open_sequence(cfg, "train")
-    full = build_setup(cfg, seq)
-    setup = AvatarSetup(full.smpl, full.betas, full.rest_joints, template[1], full.canonical_G)
+    setup = build_setup(cfg, seq)
     torch.manual_seed(0)
     model = MODELS[kind].from_config(cfg, setup, num_frames=len(seq))
     opt = make_optimizer(cfg, model)
@@ -206,10 +205,10 @@ def dense_run(tmp_path_factory, zju377, data_root):
 def test_resume_across_a_densification_equals_an_uninterrupted_run(dense_run, tmp_path, data_root):
     ref = torch.load(dense_run / "checkpoints" / "last.pt", weights_only=True)
     info = ref["model_info"]
-    assert len(info["densify"]) == 1 and info["num_surfels"] == 55104 + 3 * len(info["densify"][0])
+    assert len(info["densify"]) == 1 and info["num_surfels"] == 13776 + 3 * len(info["densify"][0])
     run = tmp_path / "run"
     assert _train(run, data_root, DENSE, stop_after=2) == 130          # before the step at 5
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model_info"]["num_surfels"] == 55104
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model_info"]["num_surfels"] == 13776
     assert _train(run, data_root, [], stop_after=6, resume=True) == 130  # after it: replayed on resume
     mid = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert mid["iteration"] == 7 and mid["model_info"]["num_surfels"] == info["num_surfels"]
@@ -231,7 +230,7 @@ def test_densified_avatar_exports_and_plays(dense_run, tmp_path):
     assert rep["parity"]["passed"]
     run = load_run(dense_run, split="test")
     b = read_bundle(tmp_path / "bundle")
-    assert b.surfels["centers"].shape[0] == run.model.num_surfels > 55104
+    assert b.surfels["centers"].shape[0] == run.model.num_surfels > 13776
     np.testing.assert_allclose(b.surfels["centers"], run.model.static_centers().detach().numpy(), atol=1e-6)
     fr = run.seq[0]
     cam = np.asarray(fr.camera.center, np.float64)
