@@ -180,7 +180,7 @@ class OffsetSettings:
 
     enabled: bool = False
     lr: float = 5.0e-4
-    lambda_laplacian: float = 1.0e3
+    lambda_laplacian: float = 3.0e4
 
 
 @dataclass
