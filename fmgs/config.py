@@ -201,6 +201,8 @@ class DensifySettings:
         coverage_radius: half-width (pixels) of the window in which a surfel's projection
             looks for mask pixels the render leaves uncovered.
         max_surfels: cap on the surfel count (the runtime's frame rate pays for every surfel).
+        prune_opacity: at each step also drop the surfels whose opacity is below this
+            (0 = none): nearly transparent surfels pay for the new ones at playback.
     """
 
     at: list[float] = field(default_factory=list)
@@ -208,6 +210,7 @@ class DensifySettings:
     coverage_share: float = 0.5
     coverage_radius: int = 4
     max_surfels: int = 70000
+    prune_opacity: float = 0.0
 
 
 @dataclass
@@ -461,6 +464,7 @@ RANGES = {
     "model.densify.coverage_share": (0.0, 1.0, True, True),
     "model.densify.coverage_radius": (0, 64, True, True),
     "model.densify.max_surfels": (1, None, True, True),
+    "model.densify.prune_opacity": (0.0, 1.0, True, False),
     "init.depth_tolerance": (0.0, None, True, True),
     "init.min_cos": (-1.0, 1.0, True, True),
     "init.mask_threshold": (0.0, 1.0, True, True),

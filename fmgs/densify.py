@@ -57,12 +57,15 @@ def _barycentric_in(tri: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return np.stack([1.0 - v - w, v, w], 1)
 
 
-def subdivide_faces(surfels: CanonicalSurfels, face_ids) -> tuple[CanonicalSurfels, np.ndarray]:
-    """Split the surfels of ``face_ids`` into four each by 1-to-4 subdivision of their faces.
+def subdivide_faces(surfels: CanonicalSurfels, face_ids, remove_ids=()) -> tuple[CanonicalSurfels, np.ndarray]:
+    """Split the surfels of ``face_ids`` into four each by 1-to-4 subdivision of their faces,
+    and drop the surfels (faces) of ``remove_ids``.
 
     Args:
         surfels: canonical surfels (module docstring of :mod:`fmgs.surfels`).
         face_ids: int indices of surfels (= faces) to split; duplicates are ignored.
+        remove_ids: int indices of surfels to drop with their faces (pruning; the mesh
+            gets a hole there, its vertices stay); must not overlap ``face_ids``.
 
     Returns:
         ``(new_surfels, source)``: the densified surfels, the unsplit ones first in their
@@ -72,18 +75,30 @@ def subdivide_faces(surfels: CanonicalSurfels, face_ids) -> tuple[CanonicalSurfe
         learnt values.
 
     Raises:
-        FmgsInputError: a face id out of range.
+        FmgsInputError: a face id out of range, or a face both split and removed.
     """
     S = surfels.num_surfels
     sel = np.unique(np.asarray(face_ids, dtype=np.int64).reshape(-1))
-    if sel.size and (sel[0] < 0 or sel[-1] >= S):
-        raise FmgsInputError(f"densification face ids must be in 0..{S - 1}, got {sel[0]}..{sel[-1]}")
+    rem = np.unique(np.asarray(remove_ids, dtype=np.int64).reshape(-1))
+    for ids in (sel, rem):
+        if ids.size and (ids[0] < 0 or ids[-1] >= S):
+            raise FmgsInputError(f"densification face ids must be in 0..{S - 1}, got {ids[0]}..{ids[-1]}")
+    if np.intersect1d(sel, rem).size:
+        raise FmgsInputError("a densification face cannot be both split and removed")
     keep = np.ones(S, bool)
     keep[sel] = False
+    keep[rem] = False
     keep_idx = np.nonzero(keep)[0]
     source = np.concatenate([keep_idx, np.repeat(sel, 4)]).astype(np.int64)
     if sel.size == 0:
-        return replace(surfels), source
+        if rem.size == 0:
+            return replace(surfels), source
+        faces2 = np.asarray(surfels.faces, np.int64)[keep_idx]
+        out = replace(surfels, **{k: np.asarray(getattr(surfels, k))[keep_idx] for k in
+                                  ("centers", "rotations", "scales", "skin_weights", "part_labels", "parent_face",
+                                   "parent_bary")},
+                      faces=faces2, face_adjacency=_adjacency_with_hanging(np.asarray(surfels.verts), faces2))
+        return out, source
 
     verts = np.asarray(surfels.verts)
     faces = np.asarray(surfels.faces, np.int64)
@@ -196,13 +211,15 @@ def replay_densification(surfels: CanonicalSurfels, steps) -> tuple[CanonicalSur
 
     Args:
         surfels: the template surfels the run started from.
-        steps: sequence of int arrays, the ``face_ids`` of each :func:`subdivide_faces` call.
+        steps: sequence of ``face_ids`` int arrays, or of ``(face_ids, remove_ids)`` pairs
+            (:func:`subdivide_faces`).
 
     Returns:
         ``(surfels, sources)``: the densified surfels and each step's ``source`` array.
     """
     sources = []
-    for ids in steps:
-        surfels, src = subdivide_faces(surfels, ids)
+    for step in steps:
+        ids, rem = step if isinstance(step, tuple) else (step, ())
+        surfels, src = subdivide_faces(surfels, ids, rem)
         sources.append(src)
     return surfels, sources

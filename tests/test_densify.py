@@ -26,6 +26,7 @@ TINY = ["data.image_size=64", "data.train_range=[0,12]", "data.train_step=3", "d
         "train.eval_at_end=false"]
 # the un-subdivided template (13,776 surfels) keeps the end-to-end tests fast
 DENSE = ["surfels.subdivisions=0", "model.offsets.enabled=true", "model.densify.at=[0.5]", "model.densify.fraction=0.02",
+         "model.densify.prune_opacity=0.8995",
          "train.iterations=10", "train.lr_final_ratio=0.1"]
 
 
@@ -103,12 +104,26 @@ def test_second_step_reuses_midpoints_and_keeps_adjacency(template):
     assert deg.min() >= np.bincount(adj0.ravel()).min()
 
 
+def test_pruned_faces_leave_with_their_surfels(template):
+    _, s = template
+    d, src = subdivide_faces(s, [5, 9], remove_ids=[0, 7])
+    assert d.num_surfels == s.num_surfels + 6 - 2 and len(d.faces) == d.num_surfels
+    assert 0 not in src and 7 not in src
+    keep = np.setdiff1d(np.arange(s.num_surfels), [0, 5, 7, 9])
+    np.testing.assert_array_equal(d.centers[:len(keep)], s.centers[keep])
+    assert d.face_adjacency.max() < d.num_surfels
+    d2, src2 = subdivide_faces(s, [], remove_ids=[3])
+    assert d2.num_surfels == s.num_surfels - 1 and 3 not in src2
+
+
 def test_bad_face_ids_are_a_clear_error(template):
     from fmgs.errors import FmgsInputError
 
     _, s = template
     with pytest.raises(FmgsInputError, match="densification face ids"):
         subdivide_faces(s, [s.num_surfels])
+    with pytest.raises(FmgsInputError, match="both split and removed"):
+        subdivide_faces(s, [1, 2], remove_ids=[2])
 
 
 def test_offset_laplacian_is_zero_for_constant_offsets_and_matches_brute_force():
@@ -205,7 +220,9 @@ def dense_run(tmp_path_factory, zju377, data_root):
 def test_resume_across_a_densification_equals_an_uninterrupted_run(dense_run, tmp_path, data_root):
     ref = torch.load(dense_run / "checkpoints" / "last.pt", weights_only=True)
     info = ref["model_info"]
-    assert len(info["densify"]) == 1 and info["num_surfels"] == 13776 + 3 * len(info["densify"][0])
+    step = info["densify"][0]
+    assert len(info["densify"]) == 1 and len(step["remove"]) > 0
+    assert info["num_surfels"] == 13776 + 3 * len(step["split"]) - len(step["remove"])
     run = tmp_path / "run"
     assert _train(run, data_root, DENSE, stop_after=2) == 130          # before the step at 5
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model_info"]["num_surfels"] == 13776
@@ -230,7 +247,7 @@ def test_densified_avatar_exports_and_plays(dense_run, tmp_path):
     assert rep["parity"]["passed"]
     run = load_run(dense_run, split="test")
     b = read_bundle(tmp_path / "bundle")
-    assert b.surfels["centers"].shape[0] == run.model.num_surfels > 13776
+    assert b.surfels["centers"].shape[0] == run.model.num_surfels != 13776
     np.testing.assert_allclose(b.surfels["centers"], run.model.static_centers().detach().numpy(), atol=1e-6)
     fr = run.seq[0]
     cam = np.asarray(fr.camera.center, np.float64)

@@ -33,11 +33,13 @@ def checkpoint_path(run_dir: Path) -> Path:
 def model_info(model: torch.nn.Module) -> dict:
     """What is saved with the weights to rebuild the model: its
     :meth:`~fmgs.trainer.models.base.AvatarModel.describe`, the surfel count ``num_surfels``
-    and the recorded densification steps ``densify`` (a list of lists of face ids,
-    replayed by :func:`fmgs.trainer.models.densify.replay_on_model` before loading)."""
+    and the recorded densification steps ``densify`` (per step ``{"split": [face ids],
+    "remove": [face ids]}``, replayed by :func:`fmgs.trainer.models.densify.replay_on_model`
+    before loading)."""
     info = dict(model.describe())
     info["num_surfels"] = int(model.num_surfels)
-    info["densify"] = [np.asarray(ids, np.int64).tolist() for ids in getattr(model, "densify_steps", [])]
+    info["densify"] = [{"split": np.asarray(ids, np.int64).tolist(), "remove": np.asarray(rem, np.int64).tolist()}
+                       for ids, rem in getattr(model, "densify_steps", [])]
     return info
 
 

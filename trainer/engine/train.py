@@ -25,7 +25,9 @@ from omegaconf import DictConfig
 from fmgs.config import absolute_paths, save_config
 from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from fmgs.trainer.engine.metrics import psnr
-from fmgs.trainer.models.densify import DensifyStats, densify_iterations, densify_model, replay_on_model, select_faces
+from fmgs.trainer.models.densify import (
+    DensifyStats, densify_iterations, densify_model, prune_candidates, replay_on_model, select_faces,
+)
 from fmgs.trainer.engine.run import (
     apply_lr_schedule, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
     quick_eval,
@@ -182,11 +184,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
                 dc = cfg.model.densify
                 ids = select_faces(stats, model.num_surfels, float(dc.fraction), float(dc.coverage_share),
                                    int(dc.max_surfels))
+                rem = prune_candidates(model, float(dc.prune_opacity), exclude=ids)
                 n0 = model.num_surfels
-                densify_model(model, ids, opt)
+                densify_model(model, ids, opt, remove_ids=rem)
                 stats.reset(model.num_surfels)
                 writer.add_scalar("train/surfels", model.num_surfels, it)
-                tqdm.write(f"densified at iteration {it}: {len(ids)} faces split, {n0} -> {model.num_surfels} surfels")
+                tqdm.write(f"densified at iteration {it}: {len(ids)} faces split, {len(rem)} pruned, "
+                           f"{n0} -> {model.num_surfels} surfels")
             now = time.perf_counter()
             elapsed += now - t_last
             t_last = now

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fmgs.densify import subdivide_faces
 
-__all__ = ["DensifyStats", "densify_iterations", "select_faces", "densify_model",
+__all__ = ["DensifyStats", "densify_iterations", "select_faces", "prune_candidates", "densify_model",
            "replay_on_model", "gather_rows"]
 
 
@@ -166,8 +166,19 @@ def select_faces(stats: DensifyStats, num_surfels: int, fraction: float, coverag
     return np.nonzero(chosen)[0].astype(np.int64)
 
 
-def densify_model(model, face_ids, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
-    """Split the surfels ``face_ids`` of ``model`` (:func:`fmgs.densify.subdivide_faces`).
+def prune_candidates(model, threshold: float, exclude=()) -> np.ndarray:
+    """Surfels whose opacity ``sigmoid(opacity_logit)`` is below ``threshold`` (none when
+    ``threshold <= 0``), minus ``exclude``: int64 ids, sorted."""
+    if threshold <= 0:
+        return np.zeros(0, np.int64)
+    with torch.no_grad():
+        low = np.nonzero((torch.sigmoid(model.opacity_logit) < float(threshold)).cpu().numpy())[0]
+    return np.setdiff1d(low, np.asarray(exclude, np.int64)).astype(np.int64)
+
+
+def densify_model(model, face_ids, optimizer: torch.optim.Optimizer | None = None, remove_ids=()) -> torch.Tensor:
+    """Split the surfels ``face_ids`` of ``model`` (:func:`fmgs.densify.subdivide_faces`) and
+    drop those of ``remove_ids`` (pruning: pays for the new surfels in the runtime).
 
     The children inherit the parent's per-surfel parameters (opacity, scale delta, normal
     displacement, offset: copied, so each child sits on the parent's displaced plane) and
@@ -180,12 +191,14 @@ def densify_model(model, face_ids, optimizer: torch.optim.Optimizer | None = Non
             :class:`~fmgs.trainer.models.full.FMGSAvatar`).
         face_ids: surfel ids to split.
         optimizer: its optimiser, whose per-surfel state rows are carried (None: no state).
+        remove_ids: surfel ids to drop (disjoint from ``face_ids``).
 
     Returns:
         ``source (S_new,)`` int64: the old surfel of each new surfel.
     """
     ids = np.unique(np.asarray(face_ids, np.int64).reshape(-1))
-    surfels, source = subdivide_faces(model.current_surfels, ids)
+    rem = np.unique(np.asarray(remove_ids, np.int64).reshape(-1))
+    surfels, source = subdivide_faces(model.current_surfels, ids, rem)
     src = torch.as_tensor(source)
     old_n = model.num_surfels
     model.resize_surfels(surfels, src)
@@ -205,12 +218,13 @@ def densify_model(model, face_ids, optimizer: torch.optim.Optimizer | None = Non
         if st:
             optimizer.state[new] = {k: gather_rows(v, src) if torch.is_tensor(v) and v.dim() > 0
                                     and v.shape[0] == old_n else v for k, v in st.items()}
-    model.densify_steps.append(ids)
+    model.densify_steps.append((ids, rem))
     return src
 
 
 def replay_on_model(model, steps) -> None:
-    """Re-apply recorded densification steps (``checkpoint['model_info']['densify']``) to a
-    freshly built model, before its weights and optimiser state are loaded."""
-    for ids in steps or ():
-        densify_model(model, np.asarray(ids, np.int64))
+    """Re-apply recorded densification steps (``checkpoint['model_info']['densify']``: per
+    step ``{"split": ids, "remove": ids}``) to a freshly built model, before its weights and
+    optimiser state are loaded."""
+    for step in steps or ():
+        densify_model(model, np.asarray(step["split"], np.int64), remove_ids=np.asarray(step["remove"], np.int64))
