@@ -227,4 +227,6 @@ def replay_on_model(model, steps) -> None:
     step ``{"split": ids, "remove": ids}``) to a freshly built model, before its weights and
     optimiser state are loaded."""
     for step in steps or ():
+        if not isinstance(step, dict):          # a bare list of split faces: no pruning
+            step = {"split": step, "remove": []}
         densify_model(model, np.asarray(step["split"], np.int64), remove_ids=np.asarray(step["remove"], np.int64))
