@@ -24,12 +24,9 @@ the canonical pose), used by the ``.ply`` and as a fallback colour.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from fmgs.body_model import axis_angle_to_matrix, world_from_body
 from fmgs.bundle import make_body_model
@@ -145,7 +142,7 @@ def bake_foundation(run: LoadedRun, fold: bool) -> Baked:
 
     m = run.model
     n = m.frames[:, :, 2]
-    mu = m.centers + n * m.displacement[:, None]                                # static eq. 4
+    mu = m.static_centers()                                                     # static eq. 4 (+ offsets)
     scales = torch.exp(m.log_scales0 + m.log_scale_delta)                      # static eq. 5
     opac = torch.sigmoid(m.opacity_logit)
     f_c = m.canonical_features()

@@ -370,7 +370,7 @@ def load_smpl(path: str | os.PathLike) -> SMPLModel:
         raise FmgsInputError(
             "SMPL model not found. The SMPL body model is not distributed with fmgs-avatar: "
             "register at https://smpl.is.tue.mpg.de, download the neutral model and save it as "
-            f"SMPL_NEUTRAL.pkl at this path (or point FMGS_DATA at a folder containing "
+            "SMPL_NEUTRAL.pkl at this path (or point FMGS_DATA at a folder containing "
             "body_models/smpl/SMPL_NEUTRAL.pkl)",
             spath,
         )

@@ -172,6 +172,59 @@ class FullSettings:
 
 
 @dataclass
+class OffsetSettings:
+    """``model.offsets``: learnable per-surfel canonical offsets for geometry that leaves the
+    body (hoods, hems, skirts, loose sweaters, hair). Both models.
+
+    ``mu_b = mu + n d + o``: a free 3-vector ``o`` (metres, canonical frame) per surfel on top
+    of the static normal displacement ``d``, with no hard bound. What keeps it honest: the
+    silhouette (mask BCE of eq. 14), the normal terms of the full model, and an umbrella-
+    Laplacian smoothness over the surfel adjacency of the mesh (:func:`fmgs.trainer.losses.
+    terms.offset_laplacian_loss`), which leaves constant and linearly varying offsets
+    free (a garment standing off the body) and penalises wrinkles and lone surfels.
+
+    Attributes:
+        enabled: learn the offsets ``o`` (off: ``o = 0``, the template surfels + ``d``).
+        lr: Adam rate of ``o`` (metres per step at most; decayed like the positions).
+        lambda_laplacian: weight of the Laplacian smoothness, per squared metre (>= 0).
+    """
+
+    enabled: bool = False
+    lr: float = 5.0e-4
+    lambda_laplacian: float = 3.0e4
+
+
+@dataclass
+class DensifySettings:
+    """``model.densify``: mesh-guided densification (:mod:`fmgs.densify`), both models.
+
+    At each of the iterations ``round(f * train.iterations)`` for ``f`` in ``at``, the
+    faces of the canonical mesh whose surfels carry the largest mean image-space gradient
+    of their posed centres (3DGS's criterion, in pixels), or the largest uncovered mask
+    around their projection, are split 1-to-4; the surfel count changes only there, so
+    the final buffer is fixed (export, runtime).
+
+    Attributes:
+        at: fractions of ``train.iterations`` (in (0, 1)) after which to densify; [] = never.
+        fraction: share of the current surfels split per step (each adds 3 surfels).
+        coverage_share: share of that budget given to the under-coverage criterion
+            (the rest goes to the gradient criterion).
+        coverage_radius: half-width (pixels) of the window in which a surfel's projection
+            looks for mask pixels the render leaves uncovered.
+        max_surfels: cap on the surfel count (the runtime's frame rate pays for every surfel).
+        prune_opacity: at each step also drop the surfels whose opacity is below this
+            (0 = none): nearly transparent surfels pay for the new ones at playback.
+    """
+
+    at: list[float] = field(default_factory=list)
+    fraction: float = 0.03
+    coverage_share: float = 0.5
+    coverage_radius: int = 4
+    max_surfels: int = 70000
+    prune_opacity: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     """``model``: which avatar and its sizes.
 
@@ -183,6 +236,8 @@ class ModelConfig:
         sh_degree: degree of its real SH basis (both models).
         foundation: settings of the foundation model.
         full: settings of the full model.
+        offsets: learnable canonical offsets (both models).
+        densify: mesh-guided densification (both models).
     """
 
     kind: str = "foundation"
@@ -191,6 +246,8 @@ class ModelConfig:
     sh_degree: int = 3
     foundation: FoundationSettings = field(default_factory=FoundationSettings)
     full: FullSettings = field(default_factory=FullSettings)
+    offsets: OffsetSettings = field(default_factory=OffsetSettings)
+    densify: DensifySettings = field(default_factory=DensifySettings)
 
 
 @dataclass
@@ -423,6 +480,13 @@ RANGES = {
     "model.full.pose_correction_every": (1, None, True, True),
     "model.full.pose_noise_p": (0.0, 1.0, True, True),
     "model.full.max_displacement": (0.0, None, True, True),
+    "model.offsets.lr": (0.0, None, True, True),
+    "model.offsets.lambda_laplacian": (0.0, None, True, True),
+    "model.densify.fraction": (0.0, 1.0, True, True),
+    "model.densify.coverage_share": (0.0, 1.0, True, True),
+    "model.densify.coverage_radius": (0, 64, True, True),
+    "model.densify.max_surfels": (1, None, True, True),
+    "model.densify.prune_opacity": (0.0, 1.0, True, False),
     "init.depth_tolerance": (0.0, None, True, True),
     "init.min_cos": (-1.0, 1.0, True, True),
     "init.mask_threshold": (0.0, 1.0, True, True),
@@ -629,6 +693,9 @@ def validate(cfg: DictConfig, where=None) -> None:
         r = list(OmegaConf.select(cfg, key))
         if len(r) != 2 or r[0] < 0 or r[1] <= r[0]:
             bad(key, f"must be [start, stop) with 0 <= start < stop; got {r}")
+    at = [float(f) for f in cfg.model.densify.at]
+    if any(not (0.0 < f < 1.0) for f in at) or len(set(at)) != len(at):
+        bad("model.densify.at", f"must be distinct fractions of train.iterations in (0, 1); got {at}")
     hg = cfg.model.hash_grid
     if hg.max_resolution < hg.base_resolution:
         bad("model.hash_grid.max_resolution", f"must be >= base_resolution ({hg.base_resolution}); got {hg.max_resolution}")

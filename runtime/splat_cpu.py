@@ -246,7 +246,7 @@ class CpuSurfelRenderer(SurfelTableMixin):
         feats = np.empty((n, C), np.float32)
         logits = self._logits if kind == 2 else np.zeros((1, 1), np.float32)
         k = _kernels()
-        with _numba_threads(self.threads) as threads:
+        with _numba_threads(self.threads):
             k["setup"](self.table, front, V[:3, :3].astype(np.float32), V[:3, 3].astype(np.float32),
                        K64.astype(np.float32), np.linalg.inv(K64).T.astype(np.float32),
                        self.width, self.height, np.float32(near), np.float32(alpha_min),

@@ -362,8 +362,9 @@ def test_blend_lbs_matches_surfel_avatar_forward():
         frames=rots, centers=centers, displacement=torch.zeros(n), skin_weights=W,
         canonical_features=lambda: torch.zeros(n, 4), view_dependent=False,
         color_mlp=torch.nn.Linear(4, 3), log_scales0=scales.log(), log_scale_delta=torch.zeros(n, 2),
-        opacity_logit=torch.zeros(n),
+        opacity_logit=torch.zeros(n), offset=None,
     )
+    stub.static_centers = types.MethodType(SurfelAvatar.static_centers, stub)
     ref = SurfelAvatar.forward(stub, B, torch.zeros(3))
     out = blend_lbs(W, B, centers, rots)
     assert torch.allclose(out.means, ref.means, atol=1e-6)

@@ -87,9 +87,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/eval)")
     ap.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N test frames (N >= 1)")
     ap.add_argument("--no-video", action="store_true")
-    ap.add_argument("--split", choices=("test", "val"), default="test",
-                    help="test frames (default) or the validation frames carved from the training range "
-                         "(data.val_fraction > 0; written to RUN_DIR/eval_val)")
+    ap.add_argument("--split", choices=("test", "val", "train"), default="test",
+                    help="test frames (default), the validation frames carved from the training range "
+                         "(data.val_fraction > 0; written to RUN_DIR/eval_val) or the training frames "
+                         "(RUN_DIR/eval_train)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override over the run's config.yaml (repeatable), e.g. --set train.backend=cpu")
     ap.add_argument("--refine-poses", type=int, default=0, metavar="N",

@@ -30,8 +30,21 @@ def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 
+def model_info(model: torch.nn.Module) -> dict:
+    """What is saved with the weights to rebuild the model: its
+    :meth:`~fmgs.trainer.models.base.AvatarModel.describe`, the surfel count ``num_surfels``
+    and the recorded densification steps ``densify`` (per step ``{"split": [face ids],
+    "remove": [face ids]}``, replayed by :func:`fmgs.trainer.models.densify.replay_on_model`
+    before loading)."""
+    info = dict(model.describe())
+    info["num_surfels"] = int(model.num_surfels)
+    info["densify"] = [{"split": np.asarray(ids, np.int64).tolist(), "remove": np.asarray(rem, np.int64).tolist()}
+                       for ids, rem in getattr(model, "densify_steps", [])]
+    return info
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    iteration: int, elapsed_s: float) -> Path:
+                    iteration: int, elapsed_s: float, extra: dict | None = None) -> Path:
     """Atomically write the training state after ``iteration`` completed iterations.
 
     Args:
@@ -41,6 +54,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         optimizer: its optimiser (None for inference-only checkpoints).
         iteration: number of completed iterations.
         elapsed_s: training wall time so far, seconds (excluding evaluation).
+        extra: further training state saved under ``state['extra']`` (tensors, numbers,
+            strings, lists and dicts of them), e.g. the densification statistics.
 
     Returns:
         The checkpoint path.
@@ -50,7 +65,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         "iteration": int(iteration),
         "elapsed_s": float(elapsed_s),
         "model": model.state_dict(),
-        "model_info": model.describe(),
+        "model_info": model_info(model),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -58,6 +73,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             "python": random.getstate(),
         },
     }
+    if extra:
+        state["extra"] = extra
     path = checkpoint_path(run_dir)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -25,7 +25,9 @@ import torch
 from fmgs.atomic import write_json_atomic
 from fmgs.errors import FmgsInputError
 from fmgs.media import write_video
-from fmgs.trainer.engine.metrics import LPIPSMetric, psnr, semantic_confusion, semantic_scores, ssim_metric
+from fmgs.trainer.engine.metrics import (
+    LPIPSMetric, psnr, semantic_confusion, semantic_scores, silhouette_iou, ssim_metric,
+)
 from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
 from fmgs.trainer.engine.run import heldout_renders, load_run, render_frame, to_host
 
@@ -91,8 +93,10 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         max_frames: evaluate only the first N test frames (None: the whole split; >= 1).
         video: also write ``video.mp4`` and ``modes.mp4``.
         overrides: ``key=value`` entries over the run's config (a misspelt key fails).
-        split: ``test`` (the held-out protocol) or ``val`` (the validation part of the
-            training range, ``data.val_fraction``; default output ``RUN_DIR/eval_val``).
+        split: ``test`` (the held-out protocol), ``val`` (the validation part of the
+            training range, ``data.val_fraction``; default output ``RUN_DIR/eval_val``) or
+            ``train`` (the training frames, rendered like held-out ones: without the full
+            model's per-frame pose correction; ``RUN_DIR/eval_train``).
         refine: test-time pose refinement of every scored frame before rendering it
             (:mod:`fmgs.trainer.engine.refine`; a different protocol: the default output
             folder gets a ``_refined`` suffix and ``metrics.json`` records the settings).
@@ -110,8 +114,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
 
     if max_frames is not None and (isinstance(max_frames, bool) or int(max_frames) < 1):
         raise FmgsInputError(f"--max-frames must be a positive number of frames, got {max_frames!r}")
-    if split not in ("test", "val"):
-        raise FmgsInputError(f"--split must be test or val, got {split!r}")
+    if split not in ("test", "val", "train"):
+        raise FmgsInputError(f"--split must be test, val or train, got {split!r}")
     run = load_run(run_dir, overrides, split=split)
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
     refining = refine is not None and refine.iterations > 0
@@ -144,7 +148,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             refine_stats.append(st)
         pred = out.rgb.clamp(0, 1).numpy()
         gt = fr.image
-        rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt)}
+        rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt),
+               "silhouette_iou": silhouette_iou(out.alpha.numpy(), fr.mask)}
         rec["lpips"] = lpips(pred, gt) if lpips.available else None
         if refining:
             rec["pose_refinement"] = refine_stats[-1]
@@ -178,6 +183,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         "background": list(cfg.data.background),
         "psnr": mean("psnr"),
         "ssim": mean("ssim"),
+        # rendered alpha > 0.5 vs the frame's mask > 0.5
+        "silhouette_iou": mean("silhouette_iou"),
+        "num_surfels": int(model.num_surfels),
         "lpips": mean("lpips"),
         "lpips_note": None if lpips.available else lpips.reason,
         "render_seconds_per_frame": float(np.mean(times)) if times else None,
@@ -206,6 +214,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             write_video(out_dir / name, frames, fps=int(cfg.eval.video_fps))
     write_json_atomic(out_dir / "metrics.json", metrics)
     print(f"{split}{' (poses refined)' if refining else ''} ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+          f"silhouette IoU {metrics['silhouette_iou']:.4f}, "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     if metrics["semantic"]:
         s = metrics["semantic"]

@@ -51,6 +51,24 @@ def psnr(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> fl
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(1.0 / mse))
 
 
+def silhouette_iou(alpha: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
+    """Intersection over union of the rendered silhouette ``alpha > threshold`` and the
+    foreground ``mask > threshold`` (both ``(H, W)``, values in [0, 1]).
+
+    Returns:
+        IoU in [0, 1]; 1.0 when both silhouettes are empty.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    a = np.asarray(alpha) > threshold
+    m = np.asarray(mask) > threshold
+    if a.shape != m.shape:
+        raise ValueError(f"alpha shape {a.shape} does not match mask {m.shape}")
+    union = int(np.logical_or(a, m).sum())
+    return 1.0 if union == 0 else float(np.logical_and(a, m).sum()) / union
+
+
 def ssim_metric(pred: np.ndarray, gt: np.ndarray) -> float:
     """SSIM via ``skimage.metrics.structural_similarity(channel_axis=-1, data_range=1)``.
 

@@ -21,6 +21,7 @@ from fmgs.trainer.data.humannerf import Frame, HumanNeRFSequence
 from fmgs.trainer.engine.checkpoint import checkpoint_path, load_checkpoint
 from fmgs.trainer.engine.metrics import psnr
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup
+from fmgs.trainer.models.densify import replay_on_model
 from fmgs.trainer.models.foundation import SurfelAvatar
 from fmgs.trainer.models.full import FMGSAvatar
 from fmgs.trainer.render.dispatch import resolve_backend
@@ -144,7 +145,7 @@ def build_model(cfg: DictConfig, setup: AvatarSetup, num_frames: int = 0) -> Ava
 #: Parameter groups whose learning rate follows ``train.lr_final_ratio`` (:func:`lr_factor`):
 #: the networks (hash grids, MLPs, pose correction) and the surfel positions, as 3DGS-Avatar
 #: decays its networks' rates and its Gaussians' position rate; opacity and scale rates stay.
-DECAYED_GROUPS = ("hash_grid", "mlp", "pose", "displacement")
+DECAYED_GROUPS = ("hash_grid", "mlp", "pose", "displacement", "offset")
 
 
 def lr_factor(cfg: DictConfig, iteration: int) -> float:
@@ -276,8 +277,13 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
         raise FmgsInputError(f"the checkpoint holds a {info['kind']!r} model but config.yaml says "
                              f"model.kind={cfg.model.kind!r}", checkpoint_path(run_dir))
     model = build_model(cfg, setup, num_frames=num_frames)
+    replay_on_model(model, info.get("densify"))
+    weights = dict(state["model"])
+    if getattr(model, "offset", None) is not None and "offset" not in weights:
+        # a run from before the free offsets (model.offsets.enabled now on by default): o = 0
+        weights["offset"] = torch.zeros_like(model.offset)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[1:4])

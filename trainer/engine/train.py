@@ -25,6 +25,9 @@ from omegaconf import DictConfig
 from fmgs.config import absolute_paths, save_config
 from fmgs.trainer.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from fmgs.trainer.engine.metrics import psnr
+from fmgs.trainer.models.densify import (
+    DensifyStats, densify_iterations, densify_model, prune_candidates, replay_on_model, select_faces,
+)
 from fmgs.trainer.engine.run import (
     apply_lr_schedule, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
     quick_eval, resolve_device,
@@ -110,7 +113,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
 
     setup = build_setup(cfg, train_seq)
     # on its device before the optimiser exists, so Adam's state is made there too
-    model = build_model(cfg, setup, num_frames=len(train_seq)).to(device)
+    model = build_model(cfg, setup, num_frames=len(train_seq))
+    state = None
+    if resume:
+        # A densified run is rebuilt at its checkpointed surfel count before the optimiser exists.
+        state = load_checkpoint(run_dir)          # read onto the CPU whatever device wrote it
+        replay_on_model(model, (state.get("model_info") or {}).get("densify"))
+    model = model.to(device)
     opt = make_optimizer(cfg, model)
     priors = [None] * len(train_seq)
     if model.needs_priors:
@@ -119,9 +128,12 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
         priors = load_priors(cfg.data.root, train_seq.names, int(cfg.data.image_size), cfg.data.priors_dir)
 
     start_it, elapsed = 0, 0.0
+    dens_its = densify_iterations(cfg)
+    stats = DensifyStats(model.num_surfels)
     if resume:
-        state = load_checkpoint(run_dir)          # read onto the CPU whatever device wrote it
         model.load_state_dict(state["model"])      # copied into the parameters on `device`
+        if "densify_stats" in (state.get("extra") or {}):
+            stats.load_state_dict(state["extra"]["densify_stats"])
         opt.load_state_dict(state["optimizer"])    # torch moves Adam's moments to their parameters' device
         start_it, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         restore_rng(state)
@@ -154,15 +166,33 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
             opt.zero_grad(set_to_none=True)
             gen = torch.Generator().manual_seed(int(tc.seed) * 1_000_003 + it)
             posed = model.pose(fr, setup, frame_id=idx, training=True, semantic=semantic_iteration(cfg, it))
+            densifying = any(d > it for d in dens_its)
+            if densifying:
+                stats.hook_means(posed.means, fr.camera)
             out = model.render(posed, fr.camera, cfg)
             groups = model.loss_groups(cfg, out, posed, fr, priors[idx], it, generator=gen)
             loss = sum(groups.values())
             model.backward(posed, groups, cfg)
+            if densifying:
+                stats.finish_iteration()
+                stats.add_coverage(posed.means, out.alpha, torch.from_numpy(fr.mask), fr.camera,
+                                   int(cfg.model.densify.coverage_radius))
             if tc.grad_clip and tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
             apply_lr_schedule(cfg, opt, it)
             opt.step()
             it += 1
+            if it in dens_its:
+                dc = cfg.model.densify
+                ids = select_faces(stats, model.num_surfels, float(dc.fraction), float(dc.coverage_share),
+                                   int(dc.max_surfels))
+                rem = prune_candidates(model, float(dc.prune_opacity), exclude=ids)
+                n0 = model.num_surfels
+                densify_model(model, ids, opt, remove_ids=rem)
+                stats.reset(model.num_surfels)
+                writer.add_scalar("train/surfels", model.num_surfels, it)
+                tqdm.write(f"densified at iteration {it}: {len(ids)} faces split, {len(rem)} pruned, "
+                           f"{n0} -> {model.num_surfels} surfels")
             now = time.perf_counter()
             elapsed += now - t_last
             t_last = now
@@ -187,10 +217,10 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
                     f.write(json.dumps({"iteration": it, "elapsed_s": round(elapsed, 2), **q}) + "\n")
                 t_last = time.perf_counter()  # do not count evaluation as training time
             if int(tc.checkpoint_every) and it % int(tc.checkpoint_every) == 0 and it < total:
-                save_checkpoint(run_dir, model, opt, it, elapsed)
+                save_checkpoint(run_dir, model, opt, it, elapsed, extra={"densify_stats": stats.state_dict()})
                 t_last = time.perf_counter()
 
-    save_checkpoint(run_dir, model, opt, it, elapsed)
+    save_checkpoint(run_dir, model, opt, it, elapsed, extra={"densify_stats": stats.state_dict()})
     writer.flush()
     writer.close()
     if it < total:

@@ -593,3 +593,27 @@ def skinning_weight_schedule(it: int, warmup_iters: int = 1000, initial: float =
         ``initial`` if ``it < warmup_iters`` else ``final``.
     """
     return float(initial) if it < warmup_iters else float(final)
+
+
+def offset_laplacian_loss(offsets: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Mean squared umbrella Laplacian of per-surfel offsets over an adjacency graph.
+
+    ``L = mean_i || o_i - mean_{j in N(i)} o_j ||^2`` (metres squared), ``N(i)`` the surfels
+    sharing an edge with surfel ``i`` (``pairs``, each undirected pair once). Zero for any
+    offset field that is constant or varies linearly over a regular neighbourhood, so a
+    garment may stand off the body as a whole; wrinkles and single surfels cost.
+    Surfels without neighbours contribute zero.
+
+    Args:
+        offsets: ``(S, 3)`` float offsets, metres.
+        pairs: ``(A, 2)`` int64 adjacency pairs (``CanonicalSurfels.face_adjacency``).
+    """
+    S = offsets.shape[0]
+    i, j = pairs[:, 0], pairs[:, 1]
+    nsum = torch.zeros_like(offsets).index_add(0, i, offsets[j]).index_add(0, j, offsets[i])
+    deg = torch.zeros(S, dtype=offsets.dtype, device=offsets.device)
+    deg = deg.index_add(0, i, torch.ones_like(i, dtype=offsets.dtype)).index_add(
+        0, j, torch.ones_like(j, dtype=offsets.dtype))
+    has = deg > 0
+    lap = torch.where(has[:, None], offsets - nsum / deg.clamp_min(1)[:, None], torch.zeros_like(offsets))
+    return (lap ** 2).sum(1).mean()

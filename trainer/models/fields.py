@@ -38,7 +38,7 @@ from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_
 
 __all__ = [
     "SMPL_PARENTS",
-            "SAPIENS_CLASSES",
+    "SAPIENS_CLASSES",
     "SAPIENS_PALETTE",
     "SAPIENS_PALETTE_PATH",
     "load_sapiens_palette",
@@ -58,9 +58,6 @@ __all__ = [
     "SemanticField",
     "DEFAULT_SKINNING_GRID",
     "SkinningField",
-    "sample_mesh_surface",
-    "skinning_regulariser",
-    "skinning_weight_schedule",
     "PoseCorrection",
     "LBSOutput",
     "blend_lbs",

@@ -38,6 +38,7 @@ from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.terms import mask_bce_loss, photometric_loss
 from fmgs.trainer.models.base import (AvatarModel, AvatarSetup, bone_transforms_torch, frame_bone_transforms,
                                       inverse_sigmoid)
+from fmgs.trainer.losses.terms import offset_laplacian_loss
 from fmgs.trainer.models.fields import blend_lbs, sh_basis
 from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig, normalize_to_bbox
 
@@ -78,7 +79,11 @@ class SurfelAvatar(AvatarModel):
     scales (S,2), skinning weights (S,24); the precomputed hash-grid lookup (a plain
     attribute, not saved, moved with the model by :class:`~fmgs.trainer.models.base.AvatarModel`).
     Parameters: hash table, colour MLP, opacity logits (S,), log-scale deltas
-    (S,2), normal displacements (S,) in metres.
+    (S,2), normal displacements (S,) in metres and, with ``cfg.offsets.enabled``, free
+    canonical offsets ``offset`` (S,3) in metres (``model.offsets``).
+
+    The surfel count changes only through :func:`fmgs.trainer.models.densify.densify_model`
+    (:meth:`resize_surfels`); ``densify_steps`` records it for checkpoints.
     """
 
     kind = "foundation"
@@ -91,6 +96,10 @@ class SurfelAvatar(AvatarModel):
         self.register_buffer("frames", torch.as_tensor(np.asarray(surfels.rotations), dtype=f32))
         self.register_buffer("log_scales0", torch.log(torch.as_tensor(np.asarray(surfels.scales), dtype=f32)))
         self.register_buffer("skin_weights", torch.as_tensor(np.asarray(surfels.skin_weights), dtype=f32))
+        self.register_buffer("neighbour_pairs", torch.as_tensor(np.asarray(surfels.face_adjacency), dtype=torch.long),
+                             persistent=False)
+        self.template_surfels = self.current_surfels = surfels
+        self.densify_steps: list[np.ndarray] = []
         n = centers.shape[0]
 
         hg = cfg.hash_grid
@@ -121,6 +130,9 @@ class SurfelAvatar(AvatarModel):
         self.log_scale_delta = nn.Parameter(torch.zeros(n, 2, dtype=f32))
         self.learn_displacement = bool(fc.learn_displacement)
         self.displacement = nn.Parameter(torch.zeros(n, dtype=f32), requires_grad=self.learn_displacement)
+        oc = getattr(cfg, "offsets", None)
+        self.offset = nn.Parameter(torch.zeros(n, 3, dtype=f32)) if oc is not None and bool(oc.enabled) else None
+        self._offset_lr = float(oc.lr) if oc is not None else 0.0
 
     @classmethod
     def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "SurfelAvatar":
@@ -137,7 +149,35 @@ class SurfelAvatar(AvatarModel):
         ]
         if self.learn_displacement:
             groups.append({"params": [self.displacement], "lr": lr.displacement, "name": "displacement"})
+        if self.offset is not None:
+            groups.append({"params": [self.offset], "lr": self._offset_lr, "name": "offset"})
         return groups
+
+    def per_surfel_parameters(self) -> list[str]:
+        """Names of the parameters with one row per surfel (carried by densification)."""
+        return ["opacity_logit", "log_scale_delta", "displacement", "offset"]
+
+    def static_centers(self) -> torch.Tensor:
+        """``(S, 3)`` canonical centres with the static corrections: ``mu + n d (+ o)``, metres."""
+        mu = self.centers + self.frames[:, :, 2] * self.displacement[:, None]          # eq. 4 (static)
+        return mu if self.offset is None else mu + self.offset
+
+    @torch.no_grad()
+    def resize_surfels(self, surfels: CanonicalSurfels, source: torch.Tensor) -> None:
+        """Replace the template buffers by those of ``surfels`` (densified; ``source (S_new,)``
+        maps each new surfel to its old one; the per-surfel parameters are carried by
+        :func:`~fmgs.trainer.models.densify.densify_model`). The hash-grid
+        bounding box is kept, so the appearance field is sampled at the children's centres
+        in the same coordinates."""
+        f32, dev = torch.float32, self.centers.device   # the new buffers stay on the model's device
+        self.centers = torch.as_tensor(np.asarray(surfels.centers), dtype=f32, device=dev)
+        self.frames = torch.as_tensor(np.asarray(surfels.rotations), dtype=f32, device=dev)
+        self.log_scales0 = torch.log(torch.as_tensor(np.asarray(surfels.scales), dtype=f32, device=dev))
+        self.skin_weights = torch.as_tensor(np.asarray(surfels.skin_weights), dtype=f32, device=dev)
+        self.neighbour_pairs = torch.as_tensor(np.asarray(surfels.face_adjacency), dtype=torch.long, device=dev)
+        self._lookup = self.grid.precompute(normalize_to_bbox(self.centers, self.bbox_min, self.bbox_max,
+                                                              padding=0.05))
+        self.current_surfels = surfels
 
     def canonical_features(self) -> torch.Tensor:
         """(S, F) appearance features f_c at the fixed canonical centres (precomputed lookup)."""
@@ -155,8 +195,7 @@ class SurfelAvatar(AvatarModel):
             :class:`PosedSurfels` in world space.
         """
         frames = self.frames
-        normal_c = frames[:, :, 2]
-        mu = self.centers + normal_c * self.displacement[:, None]                      # eq. 4 (static)
+        mu = self.static_centers()                                                     # eq. 4 (static)
         posed = blend_lbs(self.skin_weights, bone_transforms, mu, frames)              # eq. 10-12
         means, rotations, M = posed.means, posed.rotations, posed.transforms[:, :3, :3]
 
@@ -192,11 +231,17 @@ class SurfelAvatar(AvatarModel):
         return {"sh_degree": int(self.sh_degree), "view_dependent": bool(self.view_dependent)}
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
-        """``photometric`` (eq. 13) and ``mask_bce`` (eq. 14), on the render's device."""
+        """``photometric`` (eq. 13), ``mask_bce`` (eq. 14) and, with offsets, ``offset_smooth``
+        (``model.offsets.lambda_laplacian`` x :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss`),
+        on the render's device."""
         gt = torch.from_numpy(frame.image).to(out.rgb.device)
         mask = torch.from_numpy(frame.mask).to(out.rgb.device)
-        return {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(cfg.train.lambda_ssim)),
-                "mask_bce": float(cfg.train.lambda_mask) * mask_bce_loss(out.alpha, mask)}
+        groups = {"photometric": photometric_loss(out.rgb, gt, lambda_ssim=float(cfg.train.lambda_ssim)),
+                  "mask_bce": float(cfg.train.lambda_mask) * mask_bce_loss(out.alpha, mask)}
+        lam = float(cfg.model.offsets.lambda_laplacian)
+        if self.offset is not None and lam > 0:
+            groups["offset_smooth"] = lam * offset_laplacian_loss(self.offset, self.neighbour_pairs)
+        return groups
 
     def warm_start_appearance(self, colors: np.ndarray, iters: int, lr_grid: float = 1e-2, lr_mlp: float = 5e-3,
                               seed: int = 0, weights: np.ndarray | None = None) -> dict:

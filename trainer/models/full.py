@@ -50,6 +50,8 @@ from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.coordinated import coordinated_backward
 from fmgs.trainer.losses.objectives import full_loss_groups
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup, bone_transforms_torch, inverse_sigmoid
+from fmgs.trainer.losses.terms import offset_laplacian_loss
+from fmgs.trainer.models.densify import gather_rows
 from fmgs.body_model import NUM_JOINTS
 from fmgs.priors import NUM_SAPIENS_CLASSES
 from fmgs.trainer.models.fields import (
@@ -135,6 +137,10 @@ class FullModelConfig:
             static part of eq. 4-5; 3DGS-Avatar keeps per-Gaussian scales/positions as free
             parameters under its pose-dependent residual). The field's residual (eq. 4-6)
             then acts on ``(mu_b, R, s_b)``.
+        free_offsets: learnable per-surfel canonical 3-vectors ``o`` (metres) added to
+            ``mu_b`` (``model.offsets``: no bound; the Laplacian smoothness and the
+            silhouette keep them honest).
+        offset_lr: Adam rate of ``o``.
 
     The defaults of the settings a user can change come from :class:`fmgs.config.FullSettings`
     (the one place defaults live); :meth:`from_run_config` maps a run config onto this.
@@ -174,6 +180,8 @@ class FullModelConfig:
     init_opacity: float = 0.9
     static_offsets: bool = FullSettings.static_offsets
     max_displacement: float = FullSettings.max_displacement
+    free_offsets: bool = False
+    offset_lr: float = 5.0e-4
     use_geometry_field: bool = True
     use_skinning_field: bool = True
     skinning_prior: bool = True
@@ -203,7 +211,8 @@ class FullModelConfig:
             static_offsets=bool(f.static_offsets), max_displacement=float(f.max_displacement),
             pose_input=str(f.pose_input), pose_input_scale=float(f.pose_input_scale),
             pose_noise_std=float(f.pose_noise_std), pose_noise_p=float(f.pose_noise_p),
-            init_opacity=float(cfg.surfels.init_opacity))
+            init_opacity=float(cfg.surfels.init_opacity),
+            free_offsets=bool(m.offsets.enabled), offset_lr=float(m.offsets.lr))
 
 
 # =========================================================================== outputs
@@ -392,6 +401,9 @@ class FMGSAvatar(AvatarModel):
             self.log_scale_delta = nn.Parameter(torch.zeros(n, 2, dtype=f32))
         else:
             self.displacement = self.log_scale_delta = None
+        self.offset = nn.Parameter(torch.zeros(n, 3, dtype=f32)) if cfg.free_offsets else None
+        self.template_surfels = self.current_surfels = surfels
+        self.densify_steps: list[np.ndarray] = []
 
     @classmethod
     def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "FMGSAvatar":
@@ -519,10 +531,43 @@ class FMGSAvatar(AvatarModel):
         """Canonical surfels under the geometry field: ``(mu_b (S,3) m, R (S,3,3), s_b (S,2) m)``,
         with the static per-surfel offsets applied when ``static_offsets`` is on (else the
         template surfels of eq. 2)."""
-        if self.displacement is None:
-            return self.centers, self.frames, self.scales0
-        mu = self.centers + self.frames[:, :, 2] * self.displacement[:, None]
-        return mu, self.frames, self.scales0 * torch.exp(self.log_scale_delta)
+        mu, s = self.centers, self.scales0
+        if self.displacement is not None:
+            mu = mu + self.frames[:, :, 2] * self.displacement[:, None]
+            s = s * torch.exp(self.log_scale_delta)
+        if self.offset is not None:
+            mu = mu + self.offset
+        return mu, self.frames, s
+
+    def per_surfel_parameters(self) -> list[str]:
+        """Names of the parameters with one row per surfel (carried by densification)."""
+        return ["opacity_logit", "log_scale_delta", "displacement", "offset"]
+
+    @torch.no_grad()
+    def resize_surfels(self, surfels: CanonicalSurfels, source: torch.Tensor) -> None:
+        """Replace the template buffers by those of ``surfels`` (densified; ``source (S_new,)``
+        maps each new surfel to its old one; the per-surfel parameters are carried by
+        :func:`~fmgs.trainer.models.densify.densify_model`). Bounding boxes are kept, so the
+        fields are sampled at the children's centres in unchanged coordinates; the
+        skinning cache is carried and marked stale (recomputed at the next training forward)."""
+        f32, dev = torch.float32, self.centers.device   # the new buffers stay on the model's device
+        self.centers = torch.as_tensor(np.asarray(surfels.centers), dtype=f32, device=dev)
+        self.frames = torch.as_tensor(np.asarray(surfels.rotations), dtype=f32, device=dev)
+        self.scales0 = torch.as_tensor(np.asarray(surfels.scales), dtype=f32, device=dev)
+        self.skin_weights = torch.as_tensor(np.asarray(surfels.skin_weights), dtype=f32, device=dev)
+        self.mesh_verts = torch.as_tensor(np.asarray(surfels.verts), dtype=f32, device=dev)
+        self.mesh_faces = torch.as_tensor(np.asarray(surfels.faces), dtype=torch.long, device=dev)
+        self.mesh_skin_weights = torch.as_tensor(np.asarray(surfels.mesh_skin_weights), dtype=f32, device=dev)
+        self.neighbour_pairs = torch.as_tensor(np.asarray(surfels.face_adjacency), dtype=torch.long, device=dev)
+        self._lookup = self.geometry_grid.precompute(
+            normalize_to_bbox(self.centers, self.bbox_min, self.bbox_max, padding=self.cfg.grid_padding))
+        if self._skin_lookup is not None:
+            sf = self.skinning_field
+            self._skin_lookup = sf.grid.precompute(
+                normalize_to_bbox(self.centers, sf.bbox_min, sf.bbox_max, padding=sf.padding))
+        self.skin_cache = gather_rows(self.skin_cache, source)
+        self.skin_cache_valid.fill_(False)
+        self.current_surfels = surfels
 
     def param_groups(self, lr) -> list[dict]:
         """Adam parameter groups (hash tables / MLPs / opacities / pose correction / static
@@ -547,6 +592,8 @@ class FMGSAvatar(AvatarModel):
         if self.displacement is not None:
             groups += [{"params": [self.log_scale_delta], "lr": lr_scale, "name": "scale"},
                        {"params": [self.displacement], "lr": lr_displacement, "name": "displacement"}]
+        if self.offset is not None:
+            groups.append({"params": [self.offset], "lr": float(self.cfg.offset_lr), "name": "offset"})
         return groups
 
     # ------------------------------------------------------------------ forward
@@ -636,8 +683,15 @@ class FMGSAvatar(AvatarModel):
                     semantic=False)
 
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
-        """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`)."""
-        return full_loss_groups(cfg, out, posed, self, frame, prior, iteration, generator=generator)
+        """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`);
+        with offsets, ``model.offsets.lambda_laplacian`` x
+        :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss` joins the unrestricted ``regularisers``."""
+        groups = full_loss_groups(cfg, out, posed, self, frame, prior, iteration, generator=generator)
+        lam = float(cfg.model.offsets.lambda_laplacian)
+        if self.offset is not None and lam > 0:
+            reg = lam * offset_laplacian_loss(self.offset, self.neighbour_pairs)
+            groups["regularisers"] = groups["regularisers"] + reg if "regularisers" in groups else reg
+        return groups
 
     def backward(self, posed: FullPosed, groups: dict[str, torch.Tensor], cfg) -> None:
         """Coordinated training (Sec. 4.5, :func:`fmgs.trainer.losses.coordinated.coordinated_backward`),
