@@ -280,3 +280,79 @@ def test_prior_term_scale_and_normal_consistency_start():
     assert prior_term_scale(cfg, {"kind": "foundation-model"}) == 1.0
     assert prior_term_scale(cfg, None) == 1.0 and prior_term_scale(cfg, {"kind": None}) == 1.0
     assert normal_consistency_start(cfg) == 200
+
+
+def _prep(args, data_root, timeout=600):
+    env = dict(os.environ, FMGS_DATA=str(data_root), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli.prep", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp_path, zju377, data_root):
+    """``fmgs-prep refine`` on the tiny run (training frames 0, 3, 6, 9): the refined frames
+    (every 2nd training frame + the last: 0, 6, 9) carry exactly the poses that
+    ``refine_frame_pose`` finds for them with the run's avatar, frame 3 the mean of its
+    neighbours' changes, held-out frames their source poses; ``joints`` are the forward
+    kinematics of the refined poses; images and masks are the source's bytes; the folder
+    opens with the reader; replacing needs --overwrite and never touches a foreign folder."""
+    import pickle
+
+    from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
+    from fmgs.trainer.data.humannerf import HumanNeRFSequence
+    from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
+    from fmgs.trainer.engine.run import load_run
+
+    out = tmp_path / "refined"
+    r = _prep(["refine", str(tiny_run), "--out", str(out), "--every", "2", "--steps", "4", "--no-progress"],
+              data_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refined 3 of 4 training frames" in r.stdout
+    src = pickle.load(open(zju377 / "mesh_infos.pkl", "rb"))
+    new = pickle.load(open(out / "mesh_infos.pkl", "rb"))
+    assert set(new) == set(src)
+    run = load_run(tiny_run, split="train")
+    names = run.seq.names
+    assert len(names) == 4
+    deltas = {}
+    for i in (0, 2, 3):
+        fr = run.seq[i]
+        ref, _ = refine_frame_pose(run.model, run.setup, fr, run.cfg, RefineSettings(iterations=4))
+        np.testing.assert_allclose(new[fr.name]["poses"], ref.poses, atol=1e-6)
+        np.testing.assert_allclose(new[fr.name]["Th"], ref.Th, atol=1e-6)
+        deltas[i] = (np.asarray(ref.poses, np.float64) - src[fr.name]["poses"].reshape(72),
+                     np.asarray(ref.Th, np.float64) - src[fr.name]["Th"].reshape(3))
+        assert np.abs(deltas[i][0]).max() > 1e-5       # the refinement did move the pose
+    mid = names[1]
+    np.testing.assert_allclose(new[mid]["poses"] - src[mid]["poses"].reshape(72),
+                               0.5 * (deltas[0][0] + deltas[2][0]), atol=1e-6)
+    np.testing.assert_allclose(new[mid]["Th"] - src[mid]["Th"].reshape(3),
+                               0.5 * (deltas[0][1] + deltas[2][1]), atol=1e-6)
+    for name in names:
+        _, posed = forward_kinematics(axis_angle_to_matrix(np.asarray(new[name]["poses"], np.float64).reshape(24, 3)),
+                                      np.asarray(src[name]["tpose_joints"], np.float64),
+                                      np.asarray(run.setup.smpl.parents))
+        np.testing.assert_allclose(new[name]["joints"], posed, atol=1e-5)
+    for name in set(src) - set(names):
+        for k in ("poses", "Rh", "Th", "joints"):
+            np.testing.assert_array_equal(new[name][k], src[name][k])
+    for name in (names[0], "frame_000455" if "frame_000455" in src else sorted(src)[-1]):
+        for kind in ("images", "masks"):
+            assert (out / kind / f"{name}.png").read_bytes() == (zju377 / kind / f"{name}.png").read_bytes()
+    report = json.loads((out / "pose_refinement.json").read_text())
+    assert report["refined_frames"] == 3 and report["untouched_frames"] == len(src) - 4
+    seq = HumanNeRFSequence(out, split="all", frames=names[:1], image_size=96)
+    assert np.allclose(seq[0].poses, new[names[0]]["poses"])
+
+    again = _prep(["refine", str(tiny_run), "--out", str(out), "--steps", "1", "--no-progress"], data_root)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and str(out) in again.stderr
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    r2 = _prep(["refine", str(tiny_run), "--out", str(foreign), "--steps", "1", "--overwrite", "--no-progress"],
+               data_root)
+    assert r2.returncode == 2 and "refusing to replace" in r2.stderr
+    assert (foreign / "notes.txt").read_text() == "keep"
+    r3 = _prep(["refine", str(tiny_run), "--out", str(out), "--every", "4", "--steps", "1", "--overwrite",
+                "--no-progress"], data_root)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    assert json.loads((out / "pose_refinement.json").read_text())["settings"]["every"] == 4

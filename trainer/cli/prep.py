@@ -170,6 +170,22 @@ def _sapiens(args, seq, names, models=None):
     _finish(ps, meta, written, MODALITIES, t0)
 
 
+def _refine(args) -> None:
+    """``fmgs-prep refine``: :func:`fmgs.trainer.engine.refine.refine_training_poses`."""
+    from fmgs.trainer.engine.refine import RefineSettings, refine_training_poses
+
+    kw = {} if args.lr is None else {"lr_pose": float(args.lr[0]), "lr_translation": float(args.lr[1])}
+    rep = refine_training_poses(args.run, args.out, every=args.every,
+                                settings=RefineSettings(iterations=int(args.steps), **kw),
+                                overwrite=args.overwrite, overrides=tuple(args.set),
+                                progress=not args.no_progress)
+    print(f"refined {rep['refined_frames']} of {rep['training_frames']} training frames "
+          f"(loss {rep['loss_first_mean']:.4f} -> {rep['loss_last_mean']:.4f}, mean joint change "
+          f"{rep['mean_joint_rotation_change_deg']:.2f} deg, translation "
+          f"{rep['mean_translation_change_mm']:.1f} mm, {rep['refine_s'] / 60:.1f} min) -> {args.out}\n"
+          f"next: fmgs-train --out RUN2 data.root={args.out} (same settings as {args.run})")
+
+
 def prep_main(argv: list[str] | None = None) -> int:
     """Entry point of ``fmgs-prep``; returns the exit status (0, 2 on input errors)."""
     ap = argparse.ArgumentParser(prog="fmgs-prep", description="Prepare data for fmgs-avatar.")
@@ -209,9 +225,27 @@ def prep_main(argv: list[str] | None = None) -> int:
     from fmgs.trainer.video.cli import add_video_parser, run_video
 
     add_video_parser(sub)
+    rf = sub.add_parser(
+        "refine", help="refine a run's training poses against its images (bootstrap round)",
+        description="Write a copy of a trained run's sequence whose training poses are fitted to "
+                    "their images with the avatar frozen; train a new run on it "
+                    "(docs/benchmarks.md, 'Bootstrap').")
+    rf.add_argument("run", type=Path, help="a folder written by fmgs-train")
+    rf.add_argument("--out", required=True, type=Path, help="the new sequence folder")
+    rf.add_argument("--every", type=int, default=4,
+                    help="refine every N-th training frame, interpolate the others (default 4)")
+    rf.add_argument("--steps", type=int, default=40, help="Adam steps per refined frame (default 40)")
+    rf.add_argument("--lr", type=float, nargs=2, default=None, metavar=("POSE", "TRANS"),
+                    help="learning rates: joint rotations (rad), translation (m) (default 0.01 0.003)")
+    rf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the run's config (e.g. data.root=... if the sequence moved)")
+    rf.add_argument("--overwrite", action="store_true", help="replace a refined sequence written before")
+    rf.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.command == "video":
         return run_cli(lambda: run_video(args))
+    if args.command == "refine":
+        return run_cli(lambda: _refine(args))
 
     def go():
         from fmgs.trainer.data.humannerf import HumanNeRFSequence

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RefineSettings", "refine_frame_pose"]
+__all__ = ["REFINED_REPORT", "RefineSettings", "refine_frame_pose", "refine_training_poses"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,174 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
     rot_deg = float(np.degrees(np.linalg.norm(dR, axis=1).max()))
     return refined, {"loss_first": losses[0], "loss_last": losses[-1], "rotation_deg": rot_deg,
                      "translation_mm": float(1e3 * np.linalg.norm(d_T.detach().cpu().numpy()))}
+
+
+# =========================================================================== training poses
+#: File that marks a sequence written by :func:`refine_training_poses` (its report).
+REFINED_REPORT = "pose_refinement.json"
+
+
+def _link_or_copy(src, dst) -> None:
+    """Hard-link ``src`` to ``dst`` (no extra disk), else copy it."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _refined_is_ours(path):
+    from pathlib import Path
+
+    return None if (Path(path) / REFINED_REPORT).is_file() else f"no {REFINED_REPORT} in it"
+
+
+def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings | None = None,
+                          overwrite: bool = False, overrides=(), progress: bool = True) -> dict:
+    """Write a copy of a run's sequence whose *training* poses are refined against their
+    images with the run's avatar frozen (one bootstrap round of the pose/avatar alternation).
+
+    Monocular fits (``fmgs-prep video``) are off by a slowly varying few pixels
+    (docs/benchmarks.md, "Where the 2.2 dB go"): an avatar trained on them is blurred by
+    the misalignment. The alternation that 3DGS-Avatar / InstantAvatar / GART run inside
+    training (SMPL parameters optimised with the avatar) is done here offline, once: every
+    ``every``-th training frame (and the last) is refined with :func:`refine_frame_pose`;
+    the pose change of the frames in between is interpolated linearly in time (the
+    additive axis-angle and translation changes of the two nearest refined frames: the fit
+    error varies slowly, so the knots carry it). Validation and test frames keep their
+    poses, so the held-out protocol is unchanged. Train a new run on ``out``.
+
+    ``out`` holds hard links to (or copies of) the source's ``images/`` and ``masks/``,
+    its ``cameras.pkl`` and ``canonical_joints.pkl``, a ``mesh_infos.pkl`` with the refined
+    ``poses``/``Th`` (``joints`` recomputed by forward kinematics of ``tpose_joints``) and
+    ``pose_refinement.json`` (run, settings, per-refined-frame statistics). Priors are not
+    carried (those rendered from the body model depend on the poses: run ``fmgs-prep
+    priors`` on ``out``). Written in a staging folder and moved into place at the end.
+
+    Args:
+        run_dir: a trained run (``fmgs-train``); its ``data.root`` is the source sequence.
+        out: the new sequence folder (must not exist, or be one this function wrote and
+            ``overwrite``).
+        every: refine every ``every``-th training frame (>= 1; 1 = all).
+        settings: :class:`RefineSettings` (default 40 steps, the validation-chosen rates).
+        overwrite: replace an ``out`` written by this function.
+        overrides: ``key=value`` over the run's config (e.g. ``train.device=cpu``).
+        progress: show a progress bar.
+
+    Returns:
+        The report written to ``pose_refinement.json``.
+
+    Raises:
+        FmgsInputError: not a run folder / data missing (names the file), ``every < 1``,
+            zero steps, ``out`` exists and is not ours or ``overwrite`` is off, or ``out``
+            is or holds the source sequence or the run.
+    """
+    import os
+    import pickle
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from fmgs.atomic import check_replaceable, clean_stale, default_mode, staging_prefix
+    from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
+    from fmgs.errors import FmgsInputError
+    from fmgs.trainer.engine.run import load_run
+
+    settings = settings or RefineSettings(iterations=40)
+    if isinstance(every, bool) or int(every) < 1:
+        raise FmgsInputError(f"--every must be a positive number of frames, got {every!r}")
+    if int(settings.iterations) < 1:
+        raise FmgsInputError(f"--steps must be at least 1, got {settings.iterations!r}")
+    run_dir, out = Path(run_dir), Path(out)
+    run = load_run(run_dir, overrides, split="train")
+    seq, src = run.seq, Path(run.seq.root)
+    protect = (src, run_dir)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FmgsInputError("already exists; pass --overwrite to replace a refined sequence "
+                                 "written by fmgs-prep refine, or choose another --out", out)
+        check_replaceable(out, _refined_is_ours, protect=protect, what="refined sequence folder")
+    for p in protect:
+        if out.resolve() == p.resolve() or p.resolve() in out.resolve().parents:
+            raise FmgsInputError(f"--out lies inside {p}, which the command reads (choose another --out)", out)
+
+    n = len(seq)
+    knots = list(range(0, n, int(every)))
+    if knots[-1] != n - 1:
+        knots.append(n - 1)
+    t0 = time.perf_counter()
+    d_pose = np.zeros((len(knots), 72))
+    d_T = np.zeros((len(knots), 3))
+    stats = []
+    for j, i in enumerate(tqdm(knots, desc="refine training poses", unit="frame", disable=not progress)):
+        fr = seq[i]
+        ref, st = refine_frame_pose(run.model, run.setup, fr, run.cfg, settings)
+        d_pose[j] = np.asarray(ref.poses, np.float64) - np.asarray(fr.poses, np.float64)
+        d_T[j] = np.asarray(ref.Th, np.float64) - np.asarray(fr.Th, np.float64)
+        stats.append({"frame": fr.name, **{k: round(float(v), 6) for k, v in st.items()}})
+    refine_s = time.perf_counter() - t0
+
+    with open(seq.mesh_infos_path, "rb") as f:
+        infos = pickle.load(f)
+    parents = np.asarray(run.setup.smpl.parents)
+    x = np.arange(n, dtype=np.float64)
+    kx = np.asarray(knots, np.float64)
+    dp = np.stack([np.interp(x, kx, d_pose[:, c]) for c in range(72)], 1)
+    dt = np.stack([np.interp(x, kx, d_T[:, c]) for c in range(3)], 1)
+    for i, name in enumerate(seq.names):
+        info = dict(infos[name])
+        poses = np.asarray(info["poses"], np.float64).reshape(72) + dp[i]
+        info["poses"] = poses.astype(np.float32)
+        info["Th"] = (np.asarray(info["Th"], np.float64).reshape(3) + dt[i]).astype(np.float32)
+        if "tpose_joints" in info:
+            _, posed = forward_kinematics(axis_angle_to_matrix(poses.reshape(24, 3)),
+                                          np.asarray(info["tpose_joints"], np.float64), parents)
+            info["joints"] = posed.astype(np.float32)
+        infos[name] = info
+
+    rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2))
+    report = {
+        "run": str(run_dir.resolve()), "source": str(src.resolve()),
+        "settings": {"every": int(every), **dataclasses.asdict(settings)},
+        "refined_frames": len(knots), "training_frames": n,
+        "untouched_frames": len(infos) - n,
+        "mean_joint_rotation_change_deg": round(float(rot.mean()), 4),
+        "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3),
+        "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])),
+        "loss_last_mean": float(np.mean([s["loss_last"] for s in stats])),
+        "refine_s": round(refine_s, 1), "frames": stats,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "tmp"), dir=out.parent))
+    try:
+        for kind in ("images", "masks"):
+            (tmp / kind).mkdir()
+            for name in seq.all_names:
+                _link_or_copy(src / kind / f"{name}.png", tmp / kind / f"{name}.png")
+        for name in ("cameras.pkl", "canonical_joints.pkl"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        with open(tmp / "mesh_infos.pkl", "wb") as f:
+            pickle.dump(infos, f, protocol=4)
+        import json
+
+        (tmp / REFINED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        os.chmod(tmp, default_mode(is_dir=True))
+        old = None
+        if os.path.lexists(out):
+            check_replaceable(out, _refined_is_ours, protect=protect, what="refined sequence folder")
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
+            os.rename(out, old / "s")
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
