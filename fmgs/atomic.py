@@ -217,3 +217,46 @@ def check_replaceable(target: str | os.PathLike, is_ours, protect=(), what: str 
     if why is not None:
         raise FmgsInputError(f"refusing to replace: {why}; only a {what} written by fmgs is replaced "
                              "(remove it yourself or choose another --out)", target)
+
+
+# =========================================================================== folder swap
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk (best effort: a file system without it is ignored)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_folder(staged: str | os.PathLike, target: str | os.PathLike, recheck=None) -> None:
+    """Move the complete folder ``staged`` (a sibling made with :func:`staging_prefix`) to
+    ``target``, replacing an existing ``target`` in two renames.
+
+    An existing ``target`` is first moved into a ``.old-`` staging sibling (removed at the
+    end; :func:`clean_stale` removes it after a crash), so at every moment ``target`` is
+    either the old complete folder or the new one (absent for an instant between the renames).
+
+    Args:
+        staged: the finished folder, on the same file system as ``target``.
+        target: the destination folder.
+        recheck: called with no argument right before an existing ``target`` is moved away
+            (e.g. :func:`check_replaceable` again: the folder may have changed during a
+            long write); it raises to refuse.
+    """
+    import shutil
+    import tempfile
+
+    staged, target = Path(staged), Path(target)
+    fsync_dir(staged)
+    old = None
+    if os.path.lexists(target):
+        if recheck is not None:
+            recheck()
+        old = Path(tempfile.mkdtemp(prefix=staging_prefix(target, "old"), dir=target.parent))
+        os.rename(target, old / "x")
+    os.rename(staged, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -33,7 +33,6 @@ NumPy + safetensors only: this module must never import torch.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -45,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fmgs.atomic import check_replaceable, clean_stale, default_mode, staging_prefix
+from fmgs.atomic import check_replaceable, clean_stale, default_mode, publish_folder, staging_prefix
 from fmgs.errors import FmgsInputError
 
 __all__ = [
@@ -140,15 +139,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_SHA_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def make_body_model(parents, rest_joints, canonical_joints, canonical_bone_transforms, betas,
@@ -507,17 +497,8 @@ def write_bundle(out_dir: str | os.PathLike, surfels: Mapping[str, np.ndarray], 
         for p in tmp.iterdir():
             os.chmod(p, default_mode())
         os.chmod(tmp, default_mode(is_dir=True))
-        _fsync_dir(tmp)
-        old = None
-        if os.path.lexists(out_dir):
-            # again right before the swap: the folder may have changed during a long export
-            check_bundle_replaceable(out_dir, protect)
-            old = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir, "old"), dir=out_dir.parent))
-            os.rename(out_dir, old / "b")
-        os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # again right before the swap: the folder may have changed during a long export
+        publish_folder(tmp, out_dir, recheck=lambda: check_bundle_replaceable(out_dir, protect))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -187,7 +187,7 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
 
     from tqdm import tqdm
 
-    from fmgs.atomic import check_replaceable, clean_stale, default_mode, staging_prefix
+    from fmgs.atomic import check_replaceable, clean_stale, default_mode, publish_folder, staging_prefix
     from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
     from fmgs.errors import FmgsInputError
     from fmgs.trainer.engine.run import load_run
@@ -273,14 +273,8 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
 
         (tmp / REFINED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         os.chmod(tmp, default_mode(is_dir=True))
-        old = None
-        if os.path.lexists(out):
-            check_replaceable(out, _refined_is_ours, protect=protect, what="refined sequence folder")
-            old = Path(tempfile.mkdtemp(prefix=staging_prefix(out, "old"), dir=out.parent))
-            os.rename(out, old / "s")
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, out, recheck=lambda: check_replaceable(
+            out, _refined_is_ours, protect=protect, what="refined sequence folder"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
