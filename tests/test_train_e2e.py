@@ -356,3 +356,60 @@ def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp
                 "--no-progress"], data_root)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert json.loads((out / "pose_refinement.json").read_text())["settings"]["every"] == 4
+
+
+def _eval_cli(args, data_root):
+    env = dict(os.environ, FMGS_DATA=str(data_root))
+    return subprocess.run([sys.executable, "-c", "import sys; from fmgs.trainer.cli.main import eval_main; "
+                           "sys.exit(eval_main())", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=600)
+
+
+def test_eval_silhouette_refinement_fits_the_other_sequences_masks(tiny_run, tmp_path, zju377, data_root):
+    """``fmgs-eval --refine-poses 3 --refine-objective silhouette --refine-masks-from SEQ``:
+    SEQ is 377 with the two scored frames' masks blanked. Each frame's recorded first loss
+    is the one ``refine_frame_pose`` (mask only) sees with SEQ's blank mask, not the scored
+    one; the silhouette IoU is still scored against the scored sequence's masks (> 0.3; a
+    blank mask gives 0); the settings are recorded. Bad combinations are clear errors."""
+    import dataclasses
+
+    import cv2
+
+    from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
+    from fmgs.trainer.engine.run import load_run
+
+    other = tmp_path / "blank_masks"
+    (other / "masks").mkdir(parents=True)
+    (other / "images").symlink_to(zju377 / "images")
+    for f in ("cameras.pkl", "mesh_infos.pkl", "canonical_joints.pkl"):
+        (other / f).symlink_to(zju377 / f)
+    scored = ("frame_000455", "frame_000460")
+    for m in sorted((zju377 / "masks").glob("*.png")):
+        if m.stem in scored:
+            cv2.imwrite(str(other / "masks" / m.name), np.zeros_like(cv2.imread(str(m), cv2.IMREAD_GRAYSCALE)))
+        else:
+            (other / "masks" / m.name).symlink_to(m)
+    out = tmp_path / "ev"
+    r = _eval_cli([str(tiny_run), "--out", str(out), "--no-video", "--max-frames", "2", "--refine-poses", "3",
+                   "--refine-objective", "silhouette", "--refine-masks-from", str(other)], data_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pose_refinement"]["photometric"] == 0.0
+    assert m["pose_refinement"]["masks_from"] == str(other.resolve())
+    run = load_run(tiny_run, split="test")
+    for i, rec in enumerate(m["frames"]):
+        fr = run.seq[i]
+        assert fr.name == scored[i]
+        blank = dataclasses.replace(fr, mask=np.zeros_like(fr.mask))
+        _, st_blank = refine_frame_pose(run.model, run.setup, blank, run.cfg,
+                                        RefineSettings(iterations=3, photometric=0.0))
+        _, st_own = refine_frame_pose(run.model, run.setup, fr, run.cfg, RefineSettings(iterations=3, photometric=0.0))
+        assert abs(rec["pose_refinement"]["loss_first"] - st_blank["loss_first"]) < 1e-5 * st_blank["loss_first"]
+        assert abs(st_own["loss_first"] - st_blank["loss_first"]) > 0.1 * st_blank["loss_first"]
+        assert rec["silhouette_iou"] > 0.3
+
+    bad = _eval_cli([str(tiny_run), "--refine-objective", "silhouette"], data_root)
+    assert bad.returncode == 2 and "--refine-poses" in bad.stderr
+    wrong = _eval_cli([str(tiny_run), "--out", str(tmp_path / "ev2"), "--refine-poses", "1",
+                       "--refine-masks-from", str(tmp_path / "nowhere")], data_root)
+    assert wrong.returncode != 0 and "nowhere" in wrong.stderr and "Traceback" not in wrong.stderr

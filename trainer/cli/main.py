@@ -79,8 +79,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """``fmgs-eval RUN_DIR [--out DIR] [--max-frames N] [--no-video] [--split test|val]
-    [--refine-poses N]``."""
+    """``fmgs-eval RUN_DIR [--out DIR] [--max-frames N] [--no-video] [--split test|val|train]
+    [--refine-poses N [--refine-lr P T] [--refine-objective image|silhouette] [--refine-masks-from SEQ]]``."""
     ap = argparse.ArgumentParser(prog="fmgs-eval",
                                  description="Render a trained avatar's held-out frames and write metrics, images and a video.")
     ap.add_argument("run_dir", type=Path)
@@ -99,19 +99,30 @@ def eval_main(argv: list[str] | None = None) -> int:
                          "3DGS-Avatar on PeopleSnapshot); written to RUN_DIR/eval_refined")
     ap.add_argument("--refine-lr", type=float, nargs=2, default=None, metavar=("POSE", "TRANSLATION"),
                     help="learning rates of the pose (rad) and translation (m) refinement")
+    ap.add_argument("--refine-objective", choices=("image", "silhouette"), default="image",
+                    help="what the refinement fits: the frame's image and mask (default; the monocular-video "
+                         "protocol) or only its mask, with the avatar's silhouette (the information a per-frame "
+                         "SMPL fit uses: no colour of the scored frame)")
+    ap.add_argument("--refine-masks-from", type=Path, default=None, metavar="SEQ",
+                    help="fit the refinement to the masks of this sequence (same frames) instead of the scored "
+                         "one's, e.g. the own-video pipeline's masks while scoring against a dataset's")
     args = ap.parse_args(argv)
     if args.refine_poses < 0:
         ap.error("--refine-poses must be >= 0")
+    if args.refine_poses == 0 and (args.refine_objective != "image" or args.refine_masks_from is not None):
+        ap.error("--refine-objective and --refine-masks-from need --refine-poses N (N >= 1)")
 
     def go():
         from fmgs.trainer.engine.evaluate import evaluate
         from fmgs.trainer.engine.refine import RefineSettings
 
-        refine = RefineSettings(iterations=args.refine_poses)
+        kw = {"photometric": 0.0 if args.refine_objective == "silhouette" else 1.0}
         if args.refine_lr:
-            refine = RefineSettings(args.refine_poses, *args.refine_lr)
+            kw.update(lr_pose=args.refine_lr[0], lr_translation=args.refine_lr[1])
+        refine = RefineSettings(iterations=args.refine_poses, **kw)
         evaluate(args.run_dir, out_dir=args.out, max_frames=args.max_frames, video=not args.no_video,
-                 overrides=tuple(args.overrides), split=args.split, refine=refine)
+                 overrides=tuple(args.overrides), split=args.split, refine=refine,
+                 refine_masks_from=args.refine_masks_from)
 
     return run_cli(go)
 

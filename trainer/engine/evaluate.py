@@ -71,20 +71,46 @@ def modal_panels(out, K: np.ndarray) -> list[np.ndarray]:
     return [np.where(fg[..., None], p, 0).astype(np.uint8) for p in panels]
 
 
-def _refined_renders(model, setup, seq, cfg, indices, refine: RefineSettings):
+def _refined_renders(model, setup, seq, cfg, indices, refine: RefineSettings, mask_seq=None):
     """``((frame, stats), render)`` for each frame: its pose refined against its image
-    (:func:`refine_frame_pose`), then rendered without gradients at the refined pose."""
+    (:func:`refine_frame_pose`), then rendered without gradients at the refined pose.
+    ``mask_seq``: a sequence with the same frame names whose masks the refinement fits
+    instead of ``seq``'s (the returned frame keeps ``seq``'s mask, the scoring one)."""
     from tqdm import tqdm
 
     for i in tqdm(list(indices), desc="eval (refining poses)", unit="frame"):
-        fr, st = refine_frame_pose(model, setup, seq[int(i)], cfg, refine)
+        fr = seq[int(i)]
+        fit = fr if mask_seq is None else dataclasses.replace(fr, mask=mask_seq[int(i)].mask)
+        ref, st = refine_frame_pose(model, setup, fit, cfg, refine)
+        ref = dataclasses.replace(ref, mask=fr.mask)
         with torch.no_grad():
-            yield (fr, st), to_host(render_frame(model, setup, fr, cfg))
+            yield (ref, st), to_host(render_frame(model, setup, ref, cfg))
+
+
+def _refine_mask_sequence(cfg, seq, split: str, root):
+    """The sequence at ``root`` opened like ``seq`` (same split settings), whose masks the
+    pose refinement fits; its frame names must be ``seq``'s.
+
+    Raises:
+        FmgsInputError: ``root`` is not a HumanNeRF-format sequence, or its split holds other
+            frames than the scored one (names the folder).
+    """
+    from omegaconf import OmegaConf
+
+    from fmgs.trainer.engine.run import open_sequence
+
+    c = OmegaConf.merge(cfg, {"data": {"root": str(root)}})
+    other = open_sequence(c, split)
+    if list(other.names) != list(seq.names):
+        raise FmgsInputError(f"--refine-masks-from: its {split} split holds other frames than the scored "
+                             f"sequence's ({len(other)} vs {len(seq)} frames, first {other.names[:1]} vs "
+                             f"{seq.names[:1]})", root)
+    return other
 
 
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
              video: bool = True, overrides: tuple[str, ...] = (), split: str = "test",
-             refine: RefineSettings | None = None) -> dict:
+             refine: RefineSettings | None = None, refine_masks_from: Path | None = None) -> dict:
     """Render and score the test split of a trained run.
 
     Args:
@@ -99,7 +125,11 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             model's per-frame pose correction; ``RUN_DIR/eval_train``).
         refine: test-time pose refinement of every scored frame before rendering it
             (:mod:`fmgs.trainer.engine.refine`; a different protocol: the default output
-            folder gets a ``_refined`` suffix and ``metrics.json`` records the settings).
+            folder gets a ``_refined`` suffix, ``_refined_silhouette`` when the refinement fits the
+            mask only, and ``metrics.json`` records the settings).
+        refine_masks_from: a sequence folder (the same frames) whose masks the refinement
+            fits instead of the scored sequence's: score against one set of masks (e.g. a
+            dataset's) while the poses are fitted to another (the own-video pipeline's).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -119,7 +149,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     run = load_run(run_dir, overrides, split=split)
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
     refining = refine is not None and refine.iterations > 0
-    default_out = ("eval" if split == "test" else f"eval_{split}") + ("_refined" if refining else "")
+    suffix = "" if not refining else "_refined" if float(refine.photometric) > 0 else "_refined_silhouette"
+    default_out = ("eval" if split == "test" else f"eval_{split}") + suffix
     out_dir = Path(out_dir) if out_dir else run_dir / default_out
     lpips = LPIPSMetric()
     if not lpips.available:
@@ -138,7 +169,10 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     confusion = None
     images: list[tuple[str, np.ndarray, np.ndarray]] = []
     t0 = time.perf_counter()
-    renders = (_refined_renders(model, setup, seq, cfg, range(n), refine) if refining
+    mask_seq = None
+    if refining and refine_masks_from is not None:
+        mask_seq = _refine_mask_sequence(cfg, seq, split, refine_masks_from)
+    renders = (_refined_renders(model, setup, seq, cfg, range(n), refine, mask_seq) if refining
                else heldout_renders(model, setup, seq, cfg, range(n), progress=True))
     refine_stats = []
     for i, (fr, out) in enumerate(renders):
@@ -192,6 +226,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         # test-time pose refinement (None: each frame is rendered at its own pose)
         "pose_refinement": None if not refining else {
             **dataclasses.asdict(refine),
+            "masks_from": str(Path(refine_masks_from).resolve()) if refine_masks_from is not None else None,
             "mean_rotation_deg": float(np.mean([r["rotation_deg"] for r in refine_stats])),
             "mean_translation_mm": float(np.mean([r["translation_mm"] for r in refine_stats]))},
         # rendered part labels vs the priors' part labels (foreground pixels of the frames

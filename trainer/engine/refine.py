@@ -41,12 +41,16 @@ class RefineSettings:
         lr_pose: learning rate of ``d_theta`` (radians).
         lr_translation: learning rate of ``d_T`` (metres).
         reg: weight of the pull of ``d_theta`` and ``d_T / 0.1 m`` towards zero.
+        photometric: weight of the photometric term (1 = the test-time protocol; 0 = fit the
+            avatar's silhouette to the frame's mask only, the information a per-frame SMPL
+            fit already uses, see :func:`refine_training_poses`' ``held_out``).
     """
 
     iterations: int = 0
     lr_pose: float = 1e-2
     lr_translation: float = 3e-3
     reg: float = 1e-3
+    photometric: float = 1.0
 
 
 def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
@@ -84,6 +88,7 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
     gt = torch.from_numpy(np.ascontiguousarray(frame.image)).to(dev)
     mask = torch.from_numpy(np.ascontiguousarray(frame.mask)).to(dev)
     lam_ssim, lam_mask = float(cfg.train.lambda_ssim), float(cfg.train.lambda_mask)
+    w_photo = float(settings.photometric)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -94,7 +99,9 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
             W = W0.clone()
             W[:3, 3] = W0[:3, 3] + d_T
             out = model.render(model.pose_at(frame, setup, theta0 + d_theta, W), frame.camera, cfg)
-            loss = photometric_loss(out.rgb, gt, lambda_ssim=lam_ssim) + lam_mask * mask_bce_loss(out.alpha, mask)
+            loss = lam_mask * mask_bce_loss(out.alpha, mask)
+            if w_photo > 0:
+                loss = loss + w_photo * photometric_loss(out.rgb, gt, lambda_ssim=lam_ssim)
             losses.append(float(loss.detach()))
             loss = loss + float(settings.reg) * ((d_theta ** 2).sum() + ((d_T / 0.1) ** 2).sum())
             loss.backward()
