@@ -260,3 +260,39 @@ def test_densified_avatar_exports_and_plays(dense_run, tmp_path):
         ref = run.model(torch.as_tensor(B, dtype=torch.float32), torch.as_tensor(cam, dtype=torch.float32))
     for k in ("means", "scales", "colors", "opacities"):
         np.testing.assert_allclose(got[k], getattr(ref, k).numpy(), atol=2e-5, rtol=0, err_msg=k)
+
+
+def test_end_of_training_pruning_drops_exactly_the_transparent_surfels(tmp_path, zju377, data_root):
+    """``model.densify.final_prune_opacity=t``: the checkpoint of a run equals the same run
+    without pruning (deterministic training) restricted to the surfels whose opacity is
+    >= t, the step is recorded for replay (eval / export rebuild the pruned buffer), and a
+    threshold above every opacity prunes nothing (never an empty avatar)."""
+    from fmgs.trainer.engine.run import load_run
+
+    base = ["surfels.subdivisions=0", "train.iterations=6"]
+    t = 0.8995
+    assert _train(tmp_path / "keep", data_root, [*base, "model.densify.final_prune_opacity=0"]) == 0
+    assert _train(tmp_path / "pruned", data_root, [*base, f"model.densify.final_prune_opacity={t}"]) == 0
+    ref = torch.load(tmp_path / "keep" / "checkpoints" / "last.pt", weights_only=True)
+    got = torch.load(tmp_path / "pruned" / "checkpoints" / "last.pt", weights_only=True)
+    low = np.nonzero(torch.sigmoid(ref["model"]["opacity_logit"]).numpy() < t)[0]
+    keep = np.setdiff1d(np.arange(13776), low)
+    assert 0 < len(low) < 13776
+    assert ref["model_info"].get("densify") in (None, [])
+    steps = got["model_info"]["densify"]
+    assert len(steps) == 1 and len(steps[0]["split"]) == 0
+    np.testing.assert_array_equal(np.asarray(steps[0]["remove"]), low)
+    assert got["model_info"]["num_surfels"] == len(keep)
+    for k, v in ref["model"].items():
+        w = got["model"][k]
+        if v.shape[:1] == (13776,):
+            torch.testing.assert_close(w, v[torch.as_tensor(keep)], rtol=0, atol=0, msg=k)
+        else:
+            torch.testing.assert_close(w, v, rtol=0, atol=0, msg=k)
+    run = load_run(tmp_path / "pruned", split="test")
+    assert run.model.num_surfels == len(keep)
+    assert (torch.sigmoid(run.model.opacity_logit) >= t).all()
+
+    assert _train(tmp_path / "all", data_root, [*base, "model.densify.final_prune_opacity=0.99"]) == 0
+    assert torch.load(tmp_path / "all" / "checkpoints" / "last.pt",
+                      weights_only=True)["model_info"]["num_surfels"] == 13776

@@ -220,6 +220,20 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
                 save_checkpoint(run_dir, model, opt, it, elapsed, extra={"densify_stats": stats.state_dict()})
                 t_last = time.perf_counter()
 
+    if it >= total:
+        # End-of-training pruning (model.densify.final_prune_opacity): nearly transparent
+        # surfels are dropped from the fixed buffer that eval, export and the runtime use.
+        t_prune = float(cfg.model.densify.final_prune_opacity)
+        rem = prune_candidates(model, t_prune)
+        if len(rem) >= model.num_surfels:
+            print(f"warning: every surfel has opacity < model.densify.final_prune_opacity={t_prune:g}; "
+                  "none pruned (lower the threshold)", file=sys.stderr)
+        elif len(rem):
+            n0 = model.num_surfels
+            densify_model(model, [], opt, remove_ids=rem)
+            writer.add_scalar("train/surfels", model.num_surfels, it)
+            print(f"pruned {len(rem)} surfels with opacity < {t_prune:g}: "
+                  f"{n0} -> {model.num_surfels} surfels")
     save_checkpoint(run_dir, model, opt, it, elapsed, extra={"densify_stats": stats.state_dict()})
     writer.flush()
     writer.close()
