@@ -280,7 +280,7 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
     replay_on_model(model, info.get("densify"))
     weights = dict(state["model"])
     if getattr(model, "offset", None) is not None and "offset" not in weights:
-        # a run from before the free offsets (model.offsets.enabled now on by default): o = 0
+        # a run from before the free offsets, loaded with model.offsets.enabled=true: o = 0
         weights["offset"] = torch.zeros_like(model.offset)
     try:
         model.load_state_dict(weights)
