@@ -393,6 +393,9 @@ class LossConfig:
         skinning_warmup: ... over this many iterations.
         skinning_samples: mesh-surface samples of the skinning regulariser.
         lambda_isometry: isometry loss weight.
+        lambda_scale_growth: weight of
+            :func:`fmgs.trainer.losses.terms.scale_growth_loss` (full model: squared log-growth of
+            the corrected surfel scales beyond the template's; not in the paper; 0 = off).
     """
 
     lambda_depth: float = 0.05
@@ -411,6 +414,7 @@ class LossConfig:
     skinning_warmup: int = 1000
     skinning_samples: int = 1024
     lambda_isometry: float = 1.0
+    lambda_scale_growth: float = 0.0
 
 
 @dataclass

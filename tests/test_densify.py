@@ -296,3 +296,34 @@ def test_end_of_training_pruning_drops_exactly_the_transparent_surfels(tmp_path,
     assert _train(tmp_path / "all", data_root, [*base, "model.densify.final_prune_opacity=0.99"]) == 0
     assert torch.load(tmp_path / "all" / "checkpoints" / "last.pt",
                       weights_only=True)["model_info"]["num_surfels"] == 13776
+
+
+def test_scale_growth_term_joins_the_full_models_regularisers(zju377, data_root):
+    """With loss.lambda_scale_growth = w the full model's regularisers grow by exactly
+    w x scale_growth_loss(s', template scales) for the same posed surfels; 0 adds nothing."""
+    from fmgs.config import load_config
+    from fmgs.trainer.engine.run import MODELS, build_setup, open_sequence
+    from fmgs.trainer.losses.terms import scale_growth_loss
+
+    os.environ["FMGS_DATA"] = str(data_root)
+    base = [*TINY, "model.kind=full", "surfels.subdivisions=0",
+            "model.full.semantic_field=false", "model.full.skinning_field=false"]
+    cfg0 = load_config(None, base)
+    cfg1 = load_config(None, [*base, "loss.lambda_scale_growth=0.5"])
+    seq = open_sequence(cfg0, "train")
+    setup = build_setup(cfg0, seq)
+    torch.manual_seed(0)
+    model = MODELS["full"].from_config(cfg0, setup, num_frames=len(seq))
+    with torch.no_grad():   # grow some surfels so that the term is not zero
+        model.log_scale_delta[:100] = 0.7
+    fr = seq[0]
+    with torch.no_grad():
+        posed = model.pose(fr, setup, frame_id=None, training=False)
+        out = model.render(posed, fr.camera, cfg0)
+        g0 = model.loss_groups(cfg0, out, posed, fr, None, 0, generator=torch.Generator().manual_seed(1))
+        g1 = model.loss_groups(cfg1, out, posed, fr, None, 0, generator=torch.Generator().manual_seed(1))
+    term = float(scale_growth_loss(posed.scales, model.scales0))
+    assert term > 1e-3
+    r0 = float(g0.get("regularisers", torch.tensor(0.0)))
+    assert abs(float(g1["regularisers"]) - r0 - 0.5 * term) < 1e-6 * max(1.0, r0)
+    assert set(g0) | {"regularisers"} == set(g1)

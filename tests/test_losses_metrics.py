@@ -183,3 +183,26 @@ def test_semantic_confusion_and_scores_by_hand():
     # IoU: class 1: 1/(2+1-1)=0.5; class 2: 1/(2+2-1)=1/3; class 3: 0/(1+0-0)=0
     assert abs(s["miou"] - (0.5 + 1 / 3 + 0.0) / 3) < 1e-12
     assert semantic_scores(np.zeros((C, C)))["pixel_accuracy"] is None
+
+
+def test_scale_growth_penalises_only_growth_and_matches_brute_force():
+    """scale_growth_loss against a float64 loop, zero for shrinking or unchanged surfels, and
+    its gradient against central finite differences."""
+    from fmgs.trainer.losses.terms import scale_growth_loss
+
+    g = torch.Generator().manual_seed(3)
+    s0 = torch.rand(7, 2, dtype=torch.float64, generator=g) * 0.01 + 0.001
+    assert float(scale_growth_loss(s0 * 0.5, s0)) == 0.0
+    assert float(scale_growth_loss(s0.clone(), s0)) == 0.0
+    s = s0 * torch.exp(torch.randn(7, 2, dtype=torch.float64, generator=g))
+    ref = np.mean([max(np.log(a / b), 0.0) ** 2 for a, b in zip(s.numpy().ravel(), s0.numpy().ravel())])
+    assert abs(float(scale_growth_loss(s, s0)) - ref) < 1e-14
+    x = s.clone().requires_grad_(True)
+    scale_growth_loss(x, s0).backward()
+    eps = 1e-9
+    for idx in [(0, 0), (3, 1), (6, 0)]:
+        sp, sm = s.clone(), s.clone()
+        sp[idx] += eps
+        sm[idx] -= eps
+        fd = (float(scale_growth_loss(sp, s0)) - float(scale_growth_loss(sm, s0))) / (2 * eps)
+        assert abs(float(x.grad[idx]) - fd) < 1e-5 * max(1.0, abs(fd))

@@ -617,3 +617,25 @@ def offset_laplacian_loss(offsets: torch.Tensor, pairs: torch.Tensor) -> torch.T
     has = deg > 0
     lap = torch.where(has[:, None], offsets - nsum / deg.clamp_min(1)[:, None], torch.zeros_like(offsets))
     return (lap ** 2).sum(1).mean()
+
+
+def scale_growth_loss(scales: torch.Tensor, template_scales: torch.Tensor) -> torch.Tensor:
+    """Mean squared log-growth of surfel scales beyond the template's.
+
+    ``L = mean_{i,k} relu(log(s'_ik / s_ik))^2`` (dimensionless), ``s'`` the corrected canonical
+    scales after the static log-scale and the geometry field's ``delta_s`` (eq. 5,
+    ``s' = s exp(delta_s)``), ``s`` the template's (``scales0``). Shrinking costs nothing;
+    growing to ``e`` times the template scale costs 1 per axis. Not in the paper (which has no
+    scale term); it exists because the full model's posed surfels grow to 3x the template's
+    median scale within 2,000 iterations (docs/benchmarks.md, "End-of-training pruning"),
+    which costs draw time at playback.
+
+    Args:
+        scales: ``(S, 2)`` float corrected scales ``s'``, metres (> 0).
+        template_scales: ``(S, 2)`` float template scales ``s``, metres (> 0).
+
+    Returns:
+        Scalar tensor.
+    """
+    growth = torch.log(scales) - torch.log(template_scales)
+    return torch.relu(growth).pow(2).mean()
