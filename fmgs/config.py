@@ -395,7 +395,9 @@ class LossConfig:
         lambda_isometry: isometry loss weight.
         lambda_scale_growth: weight of
             :func:`fmgs.trainer.losses.terms.scale_growth_loss` (full model: squared log-growth of
-            the corrected surfel scales beyond the template's; not in the paper; 0 = off).
+            the corrected surfel scales beyond the template's; not in the paper; 0 = off; 0.1
+            chosen on the validation splits of 377 and female-3-casual: same or better PSNR,
+            2.3-2.5x less draw time; docs/benchmarks.md, "Scale-growth penalty").
     """
 
     lambda_depth: float = 0.05
@@ -414,7 +416,7 @@ class LossConfig:
     skinning_warmup: int = 1000
     skinning_samples: int = 1024
     lambda_isometry: float = 1.0
-    lambda_scale_growth: float = 0.0
+    lambda_scale_growth: float = 0.1
 
 
 @dataclass

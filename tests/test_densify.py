@@ -308,7 +308,7 @@ def test_scale_growth_term_joins_the_full_models_regularisers(zju377, data_root)
     os.environ["FMGS_DATA"] = str(data_root)
     base = [*TINY, "model.kind=full", "surfels.subdivisions=0",
             "model.full.semantic_field=false", "model.full.skinning_field=false"]
-    cfg0 = load_config(None, base)
+    cfg0 = load_config(None, [*base, "loss.lambda_scale_growth=0"])
     cfg1 = load_config(None, [*base, "loss.lambda_scale_growth=0.5"])
     seq = open_sequence(cfg0, "train")
     setup = build_setup(cfg0, seq)
