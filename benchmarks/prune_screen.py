@@ -8,7 +8,7 @@ trained with ``data.val_fraction > 0``) with the surfels whose opacity is below 
 removed (the same :func:`fmgs.trainer.models.densify.prune_candidates` /
 :func:`~fmgs.trainer.models.densify.densify_model` path that
 ``model.densify.final_prune_opacity`` runs after the last iteration) and prints the mean PSNR
-(whole image, :func:`fmgs.trainer.engine.metrics.psnr`) per threshold, ``t=0`` being the run
+(whole image, :func:`fmgs.trainer.engine.run.quick_eval` over every frame) per threshold, ``t=0`` being the run
 as trained. Used to choose ``model.densify.final_prune_opacity`` (docs/benchmarks.md,
 "End-of-training pruning"). A run trained with pruning already on has lost those surfels;
 screen runs trained with ``model.densify.final_prune_opacity=0``.
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="val", choices=("val", "test", "train"))
     args = ap.parse_args(argv)
 
-    from fmgs.trainer.engine.metrics import psnr
-    from fmgs.trainer.engine.run import heldout_renders, load_run
+    from fmgs.trainer.engine.run import load_run, quick_eval
     from fmgs.trainer.models.densify import densify_model, prune_candidates
 
     run = load_run(args.run_dir, (), split=args.split)
@@ -45,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
           {t: int((op < t).sum()) for t in args.thresholds})
 
     def mean_psnr(model) -> float:
-        ps = [psnr(out.rgb.clamp(0, 1).numpy(), fr.image)
-              for fr, out in heldout_renders(model, run.setup, run.seq, run.cfg,
-                                             range(len(run.seq)), progress=False)]
-        return float(np.mean(ps))
+        return quick_eval(model, run.setup, run.seq, run.cfg, len(run.seq))["psnr"]
 
     print(f"t=0 surfels {run.model.num_surfels} PSNR {mean_psnr(run.model):.3f}", flush=True)
     for t in args.thresholds:

@@ -13,6 +13,7 @@ semantic_field lambda_sem * CE vs the parts prior (eq. 19), logits composited  a
                with constant weights (default, train.semantic_weights_only)   semantic logits
 semantic       the same with train.semantic_weights_only=false (Sec. 4.5)     positions, rotations
 regularisers   lambda_reg eq. 20 + lambda_skin L_skin + lambda_iso L_iso     --
+               + lambda_scale_growth L_grow (not in the paper)
 =============  ===========================================================  ==================
 
 A prior modality that is absent (None) simply leaves its group out. Default weights
@@ -33,8 +34,8 @@ from omegaconf import DictConfig
 
 from fmgs.trainer.losses.terms import (
     depth_ranking_loss, isometry_loss, mask_bce_loss, normal_consistency_loss, normal_from_depth,
-    normal_prior_loss, normal_tv_loss, photometric_loss, sample_mesh_surface, semantic_ce_loss,
-    semantic_feature_consistency, skinning_regulariser, skinning_weight_schedule,
+    normal_prior_loss, normal_tv_loss, photometric_loss, sample_mesh_surface, scale_growth_loss,
+    semantic_ce_loss, semantic_feature_consistency, skinning_regulariser, skinning_weight_schedule,
 )
 
 
@@ -194,6 +195,8 @@ def full_loss_groups(cfg, out, posed, model, frame, prior: dict | None, iteratio
     if L.lambda_isometry > 0:
         reg.append(float(L.lambda_isometry) * isometry_loss(posed.canonical_centers, posed.means,
                                                             model.neighbour_pairs))
+    if L.lambda_scale_growth > 0:
+        reg.append(float(L.lambda_scale_growth) * scale_growth_loss(posed.scales, model.scales0))
     if reg:
         groups["regularisers"] = sum(reg)
     return groups

@@ -627,15 +627,17 @@ def scale_growth_loss(scales: torch.Tensor, template_scales: torch.Tensor) -> to
     ``s' = s exp(delta_s)``), ``s`` the template's (``scales0``). Shrinking costs nothing;
     growing to ``e`` times the template scale costs 1 per axis. Not in the paper (which has no
     scale term); it exists because the full model's posed surfels grow to 3x the template's
-    median scale within 2,000 iterations (docs/benchmarks.md, "End-of-training pruning"),
-    which costs draw time at playback.
+    median scale within 2,000 iterations, which costs draw time at playback (docs/benchmarks.md,
+    "Scale-growth penalty"). Weighted by ``loss.lambda_scale_growth`` in the full model's
+    ``regularisers`` group (:func:`fmgs.trainer.losses.objectives.full_loss_groups`).
 
     Args:
         scales: ``(S, 2)`` float corrected scales ``s'``, metres (> 0).
         template_scales: ``(S, 2)`` float template scales ``s``, metres (> 0).
 
     Returns:
-        Scalar tensor.
+        Scalar tensor. A non-positive scale gives ``nan`` / ``inf`` (no check here: this runs
+        every iteration; the model's scales are ``s exp(.)`` and the template's are > 0).
     """
     growth = torch.log(scales) - torch.log(template_scales)
     return torch.relu(growth).pow(2).mean()

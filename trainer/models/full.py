@@ -50,7 +50,7 @@ from fmgs.surfels import CanonicalSurfels
 from fmgs.trainer.losses.coordinated import coordinated_backward
 from fmgs.trainer.losses.objectives import full_loss_groups
 from fmgs.trainer.models.base import AvatarModel, AvatarSetup, bone_transforms_torch, inverse_sigmoid
-from fmgs.trainer.losses.terms import offset_laplacian_loss, scale_growth_loss
+from fmgs.trainer.losses.terms import offset_laplacian_loss
 from fmgs.trainer.models.densify import gather_rows
 from fmgs.body_model import NUM_JOINTS
 from fmgs.priors import NUM_SAPIENS_CLASSES
@@ -685,16 +685,11 @@ class FMGSAvatar(AvatarModel):
     def loss_groups(self, cfg, out, posed, frame, prior, iteration, generator=None) -> dict[str, torch.Tensor]:
         """Eq. 13-21 grouped for coordinated training (:func:`fmgs.trainer.losses.objectives.full_loss_groups`);
         with offsets, ``model.offsets.lambda_laplacian`` x
-        :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss` joins the unrestricted ``regularisers``,
-        and so does ``loss.lambda_scale_growth`` x :func:`~fmgs.trainer.losses.terms.scale_growth_loss`."""
+        :func:`~fmgs.trainer.losses.terms.offset_laplacian_loss` joins the unrestricted ``regularisers``."""
         groups = full_loss_groups(cfg, out, posed, self, frame, prior, iteration, generator=generator)
         lam = float(cfg.model.offsets.lambda_laplacian)
         if self.offset is not None and lam > 0:
             reg = lam * offset_laplacian_loss(self.offset, self.neighbour_pairs)
-            groups["regularisers"] = groups["regularisers"] + reg if "regularisers" in groups else reg
-        lam_s = float(getattr(cfg.loss, "lambda_scale_growth", 0.0))
-        if lam_s > 0:
-            reg = lam_s * scale_growth_loss(posed.scales, self.scales0)
             groups["regularisers"] = groups["regularisers"] + reg if "regularisers" in groups else reg
         return groups
 
