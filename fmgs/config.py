@@ -453,6 +453,32 @@ MOVED_KEYS = {
     "model.learn_displacement": "model.foundation.learn_displacement",
 }
 
+#: Keys added to the schema after runs were first saved (the schema of commit 9efe2f9), each with
+#: the value that reproduces how a run saved before the key existed was trained. A run's
+#: ``config.yaml`` holds every key of its day, so a key it lacks is one added since: resuming,
+#: evaluating or exporting that run fills it with this value, not with today's default (which
+#: may switch on a behaviour the run never had, e.g. the relative pose input its networks were
+#: not trained on). Every key added to the schema must be listed here (a test checks it).
+ADDED_KEYS = {
+    "data.val_fraction": 0.0,                     # no validation split
+    "data.val_step": 5,
+    "train.device": "auto",
+    "model.offsets.enabled": False,               # no free canonical offsets
+    "model.offsets.lr": 5e-4,
+    "model.offsets.lambda_laplacian": 3e4,
+    "model.densify.at": [],                       # no densification
+    "model.densify.fraction": 0.03,
+    "model.densify.coverage_share": 0.5,
+    "model.densify.coverage_radius": 4,
+    "model.densify.max_surfels": 70000,
+    "model.densify.prune_opacity": 0.0,
+    "model.densify.final_prune_opacity": 0.0,     # no end-of-training pruning
+    "model.full.pose_input": "rotation",          # raw rotation entries into the pose encoder
+    "model.full.pose_input_scale": 0.1,
+    "model.full.pose_correction_every": 1,        # one correction per training frame
+    "loss.lambda_scale_growth": 0.0,              # no scale-growth penalty
+}
+
 #: Allowed values of the string choices.
 CHOICES = {
     "model.kind": ("foundation", "full"),
@@ -578,6 +604,27 @@ def _migrate(node: DictConfig) -> DictConfig:
     return node
 
 
+def _fill_added_keys(node: DictConfig) -> dict:
+    """Give a saved run config the :data:`ADDED_KEYS` it lacks (in place).
+
+    Returns:
+        ``{key: value}`` of the filled keys whose value differs from today's default (the
+        ones where the run now behaves as it was trained, not as a new run would).
+    """
+    defaults = schema()
+    changed = {}
+    for key, value in ADDED_KEYS.items():
+        if OmegaConf.select(node, key, default=_ABSENT) is not _ABSENT:
+            continue
+        OmegaConf.update(node, key, value, force_add=True)
+        if OmegaConf.select(defaults, key) != value:
+            changed[key] = value
+    return changed
+
+
+_ABSENT = object()
+
+
 def _merge(base: DictConfig, other, what: str, path=None) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -642,9 +689,17 @@ def finish(cfg: DictConfig, where=None) -> DictConfig:
     return cfg
 
 
-def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
-    """A run folder's ``config.yaml`` over the schema (keys added since get their defaults),
-    with optional ``key=value`` overrides; the same struct-mode checks as :func:`load_config`.
+def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
+                    notify=None) -> DictConfig:
+    """A run folder's ``config.yaml`` over the schema, with optional ``key=value`` overrides;
+    the same struct-mode checks as :func:`load_config`.
+
+    Keys added to the schema since the run was saved get the value that keeps the run's own
+    behaviour (:data:`ADDED_KEYS`), not today's default; moved keys are moved (:data:`MOVED_KEYS`).
+
+    Args:
+        notify: optional ``callable(str)`` told, once, which added keys were filled with a
+            value other than today's default (e.g. ``print``).
 
     Raises:
         FmgsInputError: ``RUN_DIR/config.yaml`` missing or unreadable, an unknown key (a
@@ -655,8 +710,14 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
         raise FmgsInputError("not a run folder: config.yaml is missing (train with fmgs-train first)", path)
     try:
         saved = _migrate(OmegaConf.load(path))
+        if not isinstance(saved, DictConfig):
+            raise ValueError("not a mapping of config sections")
+        kept = _fill_added_keys(saved)
     except Exception as exc:
         raise FmgsInputError(f"unreadable run config: {_message(exc)}", path) from exc
+    if kept and notify is not None:
+        notify(f"{path} predates {', '.join(kept)}: keeping the behaviour it was trained with ("
+               + ", ".join(f"{k}={v}" for k, v in kept.items()) + ")")
     cfg = _merge(schema(), saved, "run config", path)
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), "override")

@@ -2,7 +2,9 @@
 of a misspelt key in every CLI, migrated keys, absolute run paths, and a fuzzed parser."""
 from __future__ import annotations
 
+import shutil
 import string
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -219,3 +221,56 @@ def test_ablate_with_no_variant_is_an_error(tmp_path, capsys):
     assert ablate_main(["--out", str(tmp_path / "a"), "--variants", ","]) == 2
     assert "no ablation variant" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+OLDEST_RUN_CONFIG = Path(__file__).parent / "fixtures" / "run_config_9efe2f9.yaml"
+
+
+def _keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_every_key_added_since_the_first_schema_says_how_older_runs_behave():
+    """A key added to the schema without an ADDED_KEYS entry would give old runs today's
+    default on resume/eval/export; this fails until the new key is registered."""
+    from fmgs.config import ADDED_KEYS, MOVED_KEYS
+
+    oldest = set(_keys(OmegaConf.to_container(OmegaConf.load(OLDEST_RUN_CONFIG))))
+    today = set(_keys(OmegaConf.to_container(schema())))
+    assert today - (oldest - set(MOVED_KEYS)) == set(ADDED_KEYS)
+    for key, value in ADDED_KEYS.items():   # each legacy value passes today's checks
+        load_config(None, [f"{key}={value}"] if not isinstance(value, list) else [])
+
+
+def test_an_old_run_keeps_the_behaviour_it_was_trained_with(tmp_path):
+    """The oldest saved config resumes with the pose input and losses it was trained with,
+    not today's defaults, and says so; a run saved today loads unchanged and silently."""
+    from fmgs.config import ADDED_KEYS
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(OLDEST_RUN_CONFIG, old / "config.yaml")
+    told = []
+    cfg = load_run_config(old, notify=told.append)
+    for key, value in ADDED_KEYS.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert cfg.model.full.pose_input == "rotation" and cfg.loss.lambda_scale_growth == 0.0
+    assert cfg.model.densify.final_prune_opacity == 0.0
+    assert len(told) == 1 and str(old / "config.yaml") in told[0]
+    for key in ("model.full.pose_input=rotation", "loss.lambda_scale_growth=0.0",
+                "model.densify.final_prune_opacity=0.0"):
+        assert key in told[0]
+    # an override still wins over the kept behaviour
+    assert load_run_config(old, ["loss.lambda_scale_growth=0.1"]).loss.lambda_scale_growth == 0.1
+
+    new = tmp_path / "new"
+    new.mkdir()
+    today = load_config(None, ["model.kind=full"])
+    save_config(today, new / "config.yaml")
+    told.clear()
+    assert OmegaConf.to_container(load_run_config(new, notify=told.append)) == OmegaConf.to_container(today)
+    assert told == []
