@@ -282,13 +282,15 @@ def test_prior_term_scale_and_normal_consistency_start():
     assert normal_consistency_start(cfg) == 200
 
 
-def _prep(args, data_root, timeout=600):
+def _prep(args, data_root, timeout=600, threads=None):
     env = dict(os.environ, FMGS_DATA=str(data_root), PYTHONUNBUFFERED="1")
+    if threads is not None:   # torch's intra-op threads (float reductions depend on them)
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run([sys.executable, "-m", "fmgs.trainer.cli.prep", *args], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
 
 
-def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp_path, zju377, data_root):
+def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp_path, zju377, data_root, request):
     """``fmgs-prep refine`` on the tiny run (training frames 0, 3, 6, 9): the refined frames
     (every 2nd training frame + the last: 0, 6, 9) carry exactly the poses that
     ``refine_frame_pose`` finds for them with the run's avatar, frame 3 the mean of its
@@ -303,8 +305,10 @@ def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp
     from fmgs.trainer.engine.run import load_run
 
     out = tmp_path / "refined"
+    # one torch thread on both sides: the in-process reference below must reduce in the same
+    # order as the subprocess, whatever thread count earlier tests left in this process
     r = _prep(["refine", str(tiny_run), "--out", str(out), "--every", "2", "--steps", "4", "--no-progress"],
-              data_root)
+              data_root, threads=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "refined 3 of 4 training frames" in r.stdout
     src = pickle.load(open(zju377 / "mesh_infos.pkl", "rb"))
@@ -314,6 +318,9 @@ def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp
     names = run.seq.names
     assert len(names) == 4
     deltas = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     for i in (0, 2, 3):
         fr = run.seq[i]
         ref, _ = refine_frame_pose(run.model, run.setup, fr, run.cfg, RefineSettings(iterations=4))
