@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -604,6 +605,9 @@ def _migrate(node: DictConfig) -> DictConfig:
     return node
 
 
+_ABSENT = object()
+
+
 def _fill_added_keys(node: DictConfig) -> dict:
     """Give a saved run config the :data:`ADDED_KEYS` it lacks (in place).
 
@@ -620,9 +624,6 @@ def _fill_added_keys(node: DictConfig) -> dict:
         if OmegaConf.select(defaults, key) != value:
             changed[key] = value
     return changed
-
-
-_ABSENT = object()
 
 
 def _merge(base: DictConfig, other, what: str, path=None) -> DictConfig:
@@ -689,8 +690,12 @@ def finish(cfg: DictConfig, where=None) -> DictConfig:
     return cfg
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
-                    notify=None) -> DictConfig:
+                    notify=_to_stderr) -> DictConfig:
     """A run folder's ``config.yaml`` over the schema, with optional ``key=value`` overrides;
     the same struct-mode checks as :func:`load_config`.
 
@@ -698,8 +703,8 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
     behaviour (:data:`ADDED_KEYS`), not today's default; moved keys are moved (:data:`MOVED_KEYS`).
 
     Args:
-        notify: optional ``callable(str)`` told, once, which added keys were filled with a
-            value other than today's default (e.g. ``print``).
+        notify: ``callable(str)`` told, once, which added keys were filled with a value
+            other than today's default (default: printed on stderr; None = silent).
 
     Raises:
         FmgsInputError: ``RUN_DIR/config.yaml`` missing or unreadable, an unknown key (a

@@ -75,7 +75,7 @@ def run_ablation(out: Path, config: str | None, overrides: list[str], variants: 
         if not done:
             print(f"== ablation variant {name} -> {run_dir}")
             if checkpoint_path(run_dir).exists():
-                train(load_run_config(run_dir, notify=print), run_dir, resume=True)
+                train(load_run_config(run_dir), run_dir, resume=True)
             else:
                 train(cfg, run_dir)
             evaluate(run_dir, max_frames=cfg.eval.max_frames)

@@ -59,7 +59,7 @@ def train_main(argv: list[str] | None = None) -> int:
             if args.config or args.overrides or args.out:
                 raise FmgsInputError("--resume reuses the run's own config.yaml; drop --config/--out/overrides")
             run_dir = args.resume
-            cfg = load_run_config(run_dir, notify=lambda m: print(m, file=sys.stderr))
+            cfg = load_run_config(run_dir)
             train(cfg, run_dir, resume=True)
         else:
             cfg = load_config(args.config, args.overrides)

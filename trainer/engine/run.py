@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -239,10 +238,6 @@ class LoadedRun:
         return self.model.kind
 
 
-def _tell(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: str = "train",
              device: str | torch.device | None = None) -> LoadedRun:
     """Rebuild a trained avatar from ``RUN_DIR`` (``config.yaml`` + ``checkpoints/last.pt``),
@@ -266,7 +261,7 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), split: s
             bad override, or a checkpoint that does not fit the model its config describes.
     """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir, overrides, notify=_tell)
+    cfg = load_run_config(run_dir, overrides)
     check_backend(cfg)
     device = resolve_device(cfg) if device is None else torch.device(device)
     state = load_checkpoint(run_dir)
