@@ -56,20 +56,21 @@ def main(argv=None) -> int:
             return 2
     angle = facing_deg(args.seq)
     width = 360.0 / args.bins
-    edges = -180.0 + width / 2 + width * np.arange(args.bins + 1)     # bin 0 is centred on 180 (the back)
 
-    def binned(ious: dict[str, float]):
+    def binned(ious: dict[str, float], eval_dir: Path):
+        missing = sorted(set(ious) - set(angle))
+        if missing:
+            raise SystemExit(f"{eval_dir / 'metrics.json'}: frames not in {args.seq / 'mesh_infos.pkl'}: {missing[:3]}")
         b = [[] for _ in range(args.bins)]
-        for name, v in ious.items():
-            a = angle[name]
-            k = int(np.searchsorted(edges, a, side="right")) % args.bins
-            b[k].append(v)
+        for name, v in ious.items():       # bin k is centred on k * width (0 = facing the camera)
+            b[int(np.floor(angle[name] / width + 0.5)) % args.bins].append(v)
         return b
 
-    tr, te = binned(per_frame(args.train_eval)), binned(per_frame(args.test_eval))
+    tr = binned(per_frame(args.train_eval), args.train_eval)
+    te = binned(per_frame(args.test_eval), args.test_eval)
     print("| facing (deg) | train frames | train IoU | test frames | test IoU |\n| --- | --- | --- | --- | --- |")
-    for k in range(args.bins):
-        centre = (edges[k] - width / 2 + 180.0) % 360.0 - 180.0
+    for k in sorted(range(args.bins), key=lambda k: (k * width + 180.0) % 360.0):   # from the back, -180 first
+        centre = (k * width + 180.0) % 360.0 - 180.0
         mt = f"{np.mean(tr[k]):.3f}" if tr[k] else "-"
         ms = f"{np.mean(te[k]):.3f}" if te[k] else "-"
         print(f"| {centre:+.0f} | {len(tr[k])} | {mt} | {len(te[k])} | {ms} |")
