@@ -39,6 +39,7 @@ def facing_deg(seq: Path) -> dict[str, float]:
 
 
 def per_frame(eval_dir: Path) -> dict[str, float]:
+    """``{frame name: silhouette IoU}`` from the per-frame records of ``EVAL_DIR/metrics.json``."""
     recs = json.loads((eval_dir / "metrics.json").read_text())["frames"]
     return {r["frame"]: float(r["silhouette_iou"]) for r in recs}
 
