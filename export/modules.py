@@ -138,7 +138,7 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def sh_bands_without_dc(dirs: torch.Tensor, degree: int) -> list[torch.Tensor]:
+def sh_bands_without_dc(dirs: torch.Tensor, degree: int, axis: int = -1) -> list[torch.Tensor]:
     """The non-constant real SH basis functions of :func:`~fmgs.trainer.models.fields.sh_basis`
     (bands 1..degree, same order and signs): ``(degree+1)^2 - 1`` tensors ``(S,)``.
 
@@ -147,7 +147,7 @@ def sh_bands_without_dc(dirs: torch.Tensor, degree: int) -> list[torch.Tensor]:
     """
     from fmgs.trainer.models.fields import sh_bands
 
-    return sh_bands(dirs, degree, with_dc=False)
+    return sh_bands(dirs, degree, with_dc=False, axis=axis)
 
 
 def geometry_foldable(field: nn.Module | None) -> bool:
@@ -353,3 +353,139 @@ class FoundationColorModule(nn.Module):
         x = torch.stack(bands + [torch.ones_like(bands[0])], -1) if bands else torch.ones_like(view_dirs[:, :1])
         w = torch.cat([W[:, Fd + 1:].T, bias], 0)
         return torch.sigmoid(self.mlp[1:](torch.addmm(appearance_features, x, w)))
+
+
+# =========================================================================== planar graphs
+#: Manifest ``layout`` of graphs whose per-surfel tensors are planar ``(C, S)`` (one
+#: contiguous row per channel); graphs without the key are row-major ``(S, C)``.
+PLANAR = "planar"
+
+
+def _planar_layers(layers, h: torch.Tensor) -> torch.Tensor:
+    """Run ``nn.Linear`` / ``nn.ReLU`` layers on planar activations ``(D, S)``: ``W h + b``."""
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            h = torch.addmm(layer.bias.unsqueeze(-1), layer.weight, h)
+        else:
+            h = layer(h)
+    return h
+
+
+class PlanarGeometryModule(GeometryModule):
+    """:class:`GeometryModule` (eq. 3-6) on planar tensors: surfels along the last axis.
+
+    Row-major per-surfel tensors make ONNX Runtime interleave narrow columns (concats,
+    transposes) and make the runtime transpose every output into its planar LBS buffers.
+    Here every per-surfel tensor is ``(C, S)``: the MLP runs as ``W h + b`` products on
+    ``(H, S)`` activations, the output layer is one ``(6 + L, S)`` product whose rows are
+    sliced, and only the two tangent columns of ``R' = R exp([delta_r]_x)`` (eq. 6) that the
+    runtime draws with are computed (the normal is ``t_u x t_v``). Same arithmetic as
+    :class:`GeometryModule`; the export's parity check compares it with the trainer.
+
+    Args (as :class:`GeometryModule`):
+        field: the trained :class:`~fmgs.trainer.models.fields.GeometryResidualField`, or
+            None (field off: identity correction, ``z_g = 0``).
+        latent_dim: size of ``z_g``.
+        folded: ``geometry_features_planar`` is ``(W_1[:, :F] f_g)^T`` (``(H, S)``,
+            :func:`fold_first_layer` transposed) instead of ``f_g^T`` (``(F, S)``).
+        max_displacement: the trainer's soft bound of ``delta_d`` (metres; 0 = none).
+
+    Forward: ``geometry_features_planar (H|F, S)``, ``pose_code (1, P)``,
+    ``centers_planar (3, S)`` m, ``rotations_planar (3, 3, S)`` (``[i, j, s] = R_s[i, j]``),
+    ``scales_planar (2, S)`` m -> ``centers_planar_out (3, S)`` = ``mu'`` (eq. 4),
+    ``t_u_planar_out (3, S)``, ``t_v_planar_out (3, S)`` (columns 0 and 1 of ``R'``, eq. 6),
+    ``scales_planar_out (2, S)`` = ``s'`` (eq. 5), ``z_g_planar (L, S)``.
+    """
+
+    def forward(self, geometry_features, pose_code, centers, rotations, scales):
+        R = rotations
+        if self.field is None:
+            z = torch.zeros_like(geometry_features[:1]).expand(self.latent_dim, -1)
+            return centers + 0.0, R[:, 0] + 0.0, R[:, 1] + 0.0, scales + 0.0, z + 0.0
+        mlp = self.field.mlp
+        first = mlp[0]
+        Fd = self.field.feature_dim
+        col = first.weight[:, Fd:] @ pose_code.T + first.bias.unsqueeze(-1)          # (H, 1) per frame
+        if self.folded:
+            h = geometry_features + col
+        else:
+            h = torch.addmm(col, first.weight[:, :Fd], geometry_features)
+        out = _planar_layers(mlp[1:], h)                                            # (6 + L, S)
+        d = out[0]
+        if self.max_displacement > 0:
+            d = self.max_displacement * torch.tanh(d / self.max_displacement)
+        mu = centers + R[:, 2] * d                                                  # eq. 4
+        sc = scales * torch.exp(out[1:3])                                           # eq. 5
+        E = _so3_exp_entries(out[3:6])                                              # eq. 6
+        tu = torch.stack([R[i, 0] * E[0][0] + R[i, 1] * E[1][0] + R[i, 2] * E[2][0] for i in range(3)], 0)
+        tv = torch.stack([R[i, 0] * E[0][1] + R[i, 1] * E[1][1] + R[i, 2] * E[2][1] for i in range(3)], 0)
+        return mu, tu, tv, sc, out[6:]
+
+
+class PlanarColorModule(ColorModule):
+    """:class:`ColorModule` (eq. 7) on planar tensors.
+
+    The first layer is one product per frame: ``h = W_1 f_c + [W_z, W_sh, b] [z_g; SH(d_hat);
+    1]`` with the stacked rows contiguous (``(L + n_sh, S)``; the constant SH band and
+    ``W_p Z_p`` live in ``b``), then the remaining layers as ``W h + b``.
+
+    Args:
+        field: the trained :class:`~fmgs.trainer.models.fields.AppearanceField`.
+        folded: ``appearance_features_planar`` is ``(W_1[:, :F] f_c)^T`` (``(H, S)``) instead
+            of ``f_c^T`` (``(F, S)``).
+
+    Forward: ``appearance_features_planar (H|F, S)``, ``z_g_planar (L, S)``, ``pose_code (1, P)``
+    [, ``view_dirs_planar (3, S)`` canonicalised directions ``normalize(inv(T[:3,:3]) d)``]
+    -> ``colors_planar (3, S)`` in (0, 1).
+    """
+
+    def forward(self, appearance_features, z_g, pose_code, view_dirs=None):
+        f = self.field
+        first = f.mlp[0]
+        W = first.weight
+        L, P = z_g.shape[0], pose_code.shape[1]
+        n_sh = (f.sh_degree + 1) ** 2 if f.sh_degree >= 0 else 0
+        Fd = W.shape[1] - L - P - n_sh
+        k = Fd + L + P                                                            # first SH column
+        bias = W[:, Fd + L:k] @ pose_code.T + first.bias.unsqueeze(-1)            # (H, 1) per frame
+        rows, cols = [z_g], [W[:, Fd:Fd + L]]
+        if f.sh_degree >= 0:
+            bias = bias + _SH_C0 * W[:, k:k + 1]                                  # band 0 is a constant
+            n = view_dirs / torch.linalg.vector_norm(view_dirs, dim=0, keepdim=True).clamp_min(1e-12)
+            bands = sh_bands_without_dc(n, f.sh_degree, axis=0)
+            if bands:
+                rows.append(torch.stack(bands, 0))
+                cols.append(W[:, k + 1:])
+        rows.append(torch.ones_like(z_g[:1]))
+        cols.append(bias)
+        A = appearance_features if self.folded else W[:, :Fd] @ appearance_features
+        h = torch.addmm(A, torch.cat(cols, 1), torch.cat(rows, 0))
+        return torch.sigmoid(_planar_layers(f.mlp[1:], h))
+
+
+class PlanarFoundationColorModule(FoundationColorModule):
+    """:class:`FoundationColorModule` on planar tensors (the foundation model's colour MLP).
+
+    Args:
+        mlp: the trained colour MLP (first layer on ``[f_c, SH]``).
+        sh_degree: SH degree of the view encoding, -1 for a view-independent model.
+        feature_dim: size of ``f_c``.
+        folded: ``appearance_features_planar`` is ``(W_1[:, :F] f_c)^T`` (``(H, S)``).
+
+    Forward: ``appearance_features_planar (H|F, S)`` [, ``view_dirs_planar (3, S)`` canonicalised
+    with the transpose of the blended rotation] -> ``colors_planar (3, S)``.
+    """
+
+    def forward(self, appearance_features, view_dirs=None):
+        first = self.mlp[0]
+        W, Fd = first.weight, self.feature_dim
+        A = appearance_features if self.folded else W[:, :Fd] @ appearance_features
+        bias = first.bias.unsqueeze(-1)
+        if self.sh_degree < 0:
+            return torch.sigmoid(_planar_layers(self.mlp[1:], A + bias))
+        bias = bias + _SH_C0 * W[:, Fd:Fd + 1]                                    # band 0 is a constant
+        n = view_dirs / torch.linalg.vector_norm(view_dirs, dim=0, keepdim=True).clamp_min(1e-12)
+        bands = sh_bands_without_dc(n, self.sh_degree, axis=0)
+        rows = torch.cat([torch.stack(bands, 0), torch.ones_like(n[:1])], 0) if bands else torch.ones_like(n[:1])
+        cols = torch.cat([W[:, Fd + 1:], bias], 1)
+        return torch.sigmoid(_planar_layers(self.mlp[1:], torch.addmm(A, cols, rows)))

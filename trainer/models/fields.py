@@ -85,17 +85,18 @@ _C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325
        -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
 
 
-def sh_bands(dirs: torch.Tensor, degree: int = 3, with_dc: bool = True) -> list[torch.Tensor]:
+def sh_bands(dirs: torch.Tensor, degree: int = 3, with_dc: bool = True, axis: int = -1) -> list[torch.Tensor]:
     """The real SH basis functions of unit directions as a list of ``(N,)`` tensors
     (3DGS ordering and signs); ``with_dc=False`` leaves out the constant band-0 term
-    (the exported colour graphs fold it into a per-frame bias).
+    (the exported colour graphs fold it into a per-frame bias). ``axis`` is the axis of
+    ``dirs`` that holds x, y, z (``-1`` for ``(N, 3)`` rows; ``0`` for planar ``(3, N)``).
 
     Raises:
         ValueError: degree outside 0..3.
     """
     if not 0 <= degree <= 3:
         raise ValueError(f"SH degree must be 0..3, got {degree}")
-    x, y, z = dirs.unbind(-1)
+    x, y, z = dirs.unbind(axis)
     out = [torch.full_like(x, _C0)] if with_dc else []
     if degree >= 1:
         out += [-_C1 * y, _C1 * z, -_C1 * x]
