@@ -44,8 +44,10 @@ def _session(path, threads, level):
 
 
 def _inputs(bundle, rng):
-    """Per-model input dicts built from the bundle (outputs of upstream models where needed)."""
+    """Per-model input dicts built from the bundle (outputs of upstream models where needed),
+    in each graph's layout (row-major or planar, :mod:`fmgs.export.onnx_export`)."""
     from fmgs.body_model import axis_angle_to_matrix
+    from fmgs.export.checks import run_rows
 
     s = bundle.surfels
     S = bundle.num_surfels
@@ -61,15 +63,20 @@ def _inputs(bundle, rng):
     if "geometry" in bundle.models:
         feeds["geometry"] = {"geometry_features": s["geometry_features"], "pose_code": z, "centers": s["centers"],
                              "rotations": s["rotations"], "scales": s["scales"]}
-        zg = _session(bundle.models["geometry"], 2, "all").run(None, feeds["geometry"])[3]
+        sess = _session(bundle.models["geometry"], 2, "all")
+        zg = run_rows(sess, bundle.manifest["models"]["geometry"], feeds["geometry"])["z_g"]
     if "color" in bundle.models:
         names = [i["name"] for i in bundle.manifest["models"]["color"]["inputs"]]
         f = {"appearance_features": s["appearance_features"]}
-        if "z_g" in names:
+        if {"z_g", "z_g_planar"} & set(names):
             f.update(z_g=zg, pose_code=z)
-        if "view_dirs" in names:
+        if {"view_dirs", "view_dirs_planar"} & set(names):
             f["view_dirs"] = d
         feeds["color"] = f
+    for name, f in feeds.items():          # planar graphs: per-surfel inputs with the surfel axis last
+        ins = [i["name"] for i in bundle.manifest["models"][name]["inputs"]]
+        feeds[name] = {n: (np.ascontiguousarray(np.moveaxis(f[n[:-7]], 0, -1)) if n.endswith("_planar") else f[n])
+                       for n in ins}
     if "skinning" in bundle.models:
         f = {"points": s["centers"]}
         if any(i["name"] == "prior_weights" for i in bundle.manifest["models"]["skinning"]["inputs"]):

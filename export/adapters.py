@@ -30,7 +30,7 @@ class ExportAdapter:
 
     Attributes:
         bake: ``(run, fold) -> Baked``.
-        export_models: ``(run, baked, out_dir, skinning) -> {name: manifest entry}``.
+        export_models: ``(run, baked, out_dir, skinning, layout) -> {name: manifest entry}``.
         parity_frame: ``(run, baked, sessions, entries, pose, upd, e2e) -> None`` (one pose of
             :func:`fmgs.export.checks.parity_check`).
         skinning_check: ``(run, baked, frames) -> dict`` (the skinning-bake report).

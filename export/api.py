@@ -36,7 +36,8 @@ class ExportCheckFailed(RuntimeError):
 def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt: str = "auto",
                check: bool = True, parity_frames: int = 3, bake_frames: int = 32, skinning_model: bool = True,
                ply: bool = True, ply_sh_rest: bool = True, overrides: tuple[str, ...] | list[str] = (),
-               overwrite: bool = False, threads: int = 2, fold: bool = True, verbose: bool = True) -> dict:
+               overwrite: bool = False, threads: int = 2, fold: bool = True, layout: str = "planar",
+               verbose: bool = True) -> dict:
     """Export a trained run into a bundle folder.
 
     Args:
@@ -57,6 +58,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
         threads: ONNX Runtime intra-op threads for the checks.
         fold: bake the per-surfel part of each MLP's first layer into the feature channels
             (exact; faster per frame; ``docs/bundle.md``); False keeps the raw features.
+        layout: ``"planar"`` geometry and colour graphs (default; faster, read by runtimes
+            since the planar layout) or ``"rows"`` (the row-major graphs older runtimes read);
+            :mod:`fmgs.export.onnx_export`.
         verbose: print progress and the report summary.
 
     Returns:
@@ -64,7 +68,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
 
     Raises:
         FmgsInputError: bad run folder/checkpoint/data, existing ``out``, ``--trt on``
-            without TensorRT (names the file).
+            without TensorRT (names the file), unknown ``layout``.
         ExportCheckFailed: the fp32 parity check failed (the bundle is still written, with
             the report, for inspection).
     """
@@ -83,6 +87,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
             print(msg, flush=True)
 
     out = Path(out)
+    if layout not in ("planar", "rows"):
+        raise FmgsInputError(f"graph layout must be 'planar' or 'rows', got {layout!r}")
     if os.path.lexists(out) and not overwrite:
         raise FmgsInputError("bundle folder already exists (use --overwrite to replace it)", out)
     check_bundle_replaceable(out, protect=[run_dir])   # before any work, and again at the swap
@@ -106,7 +112,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
     with tempfile.TemporaryDirectory(prefix=staging_prefix(out, "stage"), dir=out.parent) as stage_s:
         stage = Path(stage_s)
         t = time.perf_counter()
-        entries = adapter.export_models(run, baked, stage, skinning=skinning_model)
+        entries = adapter.export_models(run, baked, stage, skinning=skinning_model, layout=layout)
         timings["onnx_export_s"] = time.perf_counter() - t
         if "skinning" in entries and any(i["name"] == "prior_weights" for i in entries["skinning"]["inputs"]):
             baked.surfels["prior_skin_weights"] = run.model.skin_weights.detach().numpy().astype(np.float32)

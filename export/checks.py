@@ -94,6 +94,45 @@ def canonical_view_dirs(means: np.ndarray, T: np.ndarray, camera_center: np.ndar
     return dh / np.linalg.norm(dh, axis=1, keepdims=True)
 
 
+#: planar graph outputs -> the row-major output each stands for (``t_u``/``t_v`` make ``rotations_out``)
+_ROW_OF_PLANAR = {"centers_planar_out": "centers_out", "scales_planar_out": "scales_out", "z_g_planar": "z_g",
+                  "colors_planar": "colors"}
+
+
+def run_rows(session, entry: dict, feeds: dict) -> dict[str, np.ndarray]:
+    """Run one bundle graph on row-major feeds; row-major outputs under the row-major names.
+
+    Graphs of either layout (:mod:`fmgs.export.onnx_export`): a planar graph's inputs
+    ``<name>_planar`` are fed ``feeds[<name>]`` with the surfel axis moved last, and its
+    outputs come back with the surfel axis first under the row-major names
+    (``centers_out``, ``scales_out``, ``z_g``, ``colors``; ``t_u_planar_out`` and
+    ``t_v_planar_out`` as ``rotations_out = [t_u, t_v, t_u x t_v]``), so one comparison
+    serves both.
+
+    Args:
+        session: ONNX Runtime session of the graph.
+        entry: its manifest entry (``layout`` read; absent = row-major).
+        feeds: ``{row-major input name: array}``.
+    Returns:
+        ``{output name: float32 array}``.
+    """
+    names = [o.name for o in session.get_outputs()]
+    if entry.get("layout") != "planar":
+        return dict(zip(names, session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})))
+    f = {}
+    for i in session.get_inputs():
+        if i.name.endswith("_planar"):
+            f[i.name] = np.ascontiguousarray(np.moveaxis(np.asarray(feeds[i.name[:-7]], np.float32), 0, -1))
+        else:
+            f[i.name] = feeds[i.name]
+    outs = {n: np.moveaxis(a, -1, 0) for n, a in zip(names, session.run(None, f))}
+    rows = {_ROW_OF_PLANAR.get(n, n): np.ascontiguousarray(a) for n, a in outs.items() if not n.startswith("t_")}
+    if "t_u_planar_out" in outs:
+        tu, tv = outs["t_u_planar_out"], outs["t_v_planar_out"]
+        rows["rotations_out"] = np.stack([tu, tv, np.cross(tu, tv)], -1).astype(np.float32)
+    return rows
+
+
 def _frame_inputs(run: LoadedRun, pose: dict):
     from fmgs.trainer.models.full import pose_frame
 
@@ -247,18 +286,18 @@ def full_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: dict, p
                                                                               m.cfg.geometry_latent_dim)
     g_in = {"geometry_features": s["geometry_features"], "pose_code": _np(z_p), "centers": s["centers"],
             "rotations": s["rotations"], "scales": s["scales"]}
-    mu_o, R_o, s_o, zg_o = sess["geometry"].run(None, g_in)
-    for name, a, b in (("centers_out", mu_o, posed.canonical_centers), ("rotations_out", R_o,
-                       posed.canonical_rotations), ("scales_out", s_o, posed.scales), ("z_g", zg_o, z_g_t)):
-        upd("geometry", name, _err(a, _np(b)))
-    view = "view_dirs" in [i["name"] for i in entries["color"]["inputs"]]
+    g = run_rows(sess["geometry"], entries["geometry"], g_in)
+    for name, b in (("centers_out", posed.canonical_centers), ("rotations_out", posed.canonical_rotations),
+                    ("scales_out", posed.scales), ("z_g", z_g_t)):
+        upd("geometry", name, _err(g[name], _np(b)))
+    view = any(i["name"].startswith("view_dirs") for i in entries["color"]["inputs"])
     c_in = {"appearance_features": s["appearance_features"], "z_g": _np(z_g_t), "pose_code": _np(z_p)}
     if view:
         d = F.normalize(posed.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
         from fmgs.trainer.models.fields import canonicalize_view_dirs
 
         c_in["view_dirs"] = _np(canonicalize_view_dirs(d, posed.transforms))
-    (col,) = sess["color"].run(None, c_in)
+    col = run_rows(sess["color"], entries["color"], c_in)["colors"]
     upd("color", "colors", _err(col, _np(posed.colors)))
     if "skinning" in sess:
         sk_in = {"points": _np(posed.canonical_centers)}
@@ -270,12 +309,12 @@ def full_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: dict, p
         upd("skinning", "skin_weights", _err(w_o, _np(ref)))
     # end to end: ORT chain + NumPy LBS with the baked weights (what the runtime does)
     (zc,) = sess["pose_encoder"].run(None, {"rot_mats": rot_np})
-    mu_c, R_c, _, zg = sess["geometry"].run(None, {**g_in, "pose_code": zc})
-    means, _, T = numpy_lbs(W, _np(B), mu_c, R_c)
-    c2 = {"appearance_features": s["appearance_features"], "z_g": zg, "pose_code": zc}
+    g2 = run_rows(sess["geometry"], entries["geometry"], {**g_in, "pose_code": zc})
+    means, _, T = numpy_lbs(W, _np(B), g2["centers_out"], g2["rotations_out"])
+    c2 = {"appearance_features": s["appearance_features"], "z_g": g2["z_g"], "pose_code": zc}
     if view:
         c2["view_dirs"] = canonical_view_dirs(means, T, cam, "inverse").astype(np.float32)
-    (col2,) = sess["color"].run(None, c2)
+    col2 = run_rows(sess["color"], entries["color"], c2)["colors"]
     e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
     e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))
 
@@ -303,12 +342,12 @@ def foundation_parity_frame(run: LoadedRun, baked: Baked, sess: dict, entries: d
         d = F.normalize(lbs.means - torch.as_tensor(cam, dtype=torch.float32)[None], dim=-1)
         M = lbs.transforms[:, :3, :3]
         c_in["view_dirs"] = _np(F.normalize(torch.einsum("sji,sj->si", M, d), dim=-1))
-    (col,) = sess["color"].run(None, c_in)
+    col = run_rows(sess["color"], entries["color"], c_in)["colors"]
     upd("color", "colors", _err(col, _np(posed.colors)))
     means, _, T = numpy_lbs(W, B.astype(np.float32), s["centers"], s["rotations"])
     c2 = {"appearance_features": s["appearance_features"]}
     if view:
         c2["view_dirs"] = canonical_view_dirs(means, T, cam, "transpose").astype(np.float32)
-    (col2,) = sess["color"].run(None, c2)
+    col2 = run_rows(sess["color"], entries["color"], c2)["colors"]
     e2e["colors"] = max(e2e["colors"], _err(col2, _np(posed.colors)))
     e2e["means_mm"] = max(e2e["means_mm"], 1e3 * _err(means, _np(posed.means)))

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fold", action="store_true",
                     help="store the raw hash-grid features f_g, f_c instead of the folded first-layer products "
                          "W_1 f (slower per frame; docs/bundle.md)")
+    ap.add_argument("--layout", choices=("planar", "rows"), default="planar",
+                    help="per-surfel layout of the geometry and colour graphs: planar (default, faster) or rows "
+                         "(the row-major graphs that fmgs-play versions before the planar layout read)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the checks (2)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     args = ap.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                    parity_frames=args.parity_frames, bake_frames=args.bake_frames,
                    skinning_model=not args.no_skinning_model, ply=not args.no_ply, ply_sh_rest=not args.compact_ply,
                    overrides=tuple(args.overrides), overwrite=args.overwrite, threads=args.threads,
-                   fold=not args.no_fold)
+                   fold=not args.no_fold, layout=args.layout)
 
     return run_cli(go, {ExportCheckFailed: 1})
 

@@ -14,6 +14,15 @@ terms themselves, so the runtime feeds them exactly as before; each entry record
 ``folded_first_layer``. The graphs are also written for ONNX Runtime's CPU kernels (no
 batched 3x3 MatMuls, no ``Expand``; see :mod:`fmgs.export.modules`).
 
+Planar layout (manifest ``"layout": "planar"`` on the geometry and colour entries): every
+per-surfel tensor of these graphs is ``(C, S)`` -- one contiguous row per channel, the
+layout of the runtime's LBS buffers and surfel table -- and carries a ``_planar`` name
+(``geometry_features_planar``, ``centers_planar_out``, ``colors_planar``, ...). The runtime
+transposes the bundle's row-major channels once at load and then feeds and reads the graphs
+without a per-frame transpose; ONNX Runtime runs the planar graphs faster (no interleaving
+concats; measured in docs/benchmarks.md). Bundles written before carry no ``layout`` key and
+row-major graphs, which the runtime still plays.
+
 ``--fp16`` (:func:`convert_fp16`): onnxruntime's ``float16`` converter rewrites the
 weights and arithmetic to float16 and keeps float32 inputs/outputs (``keep_io_types``),
 giving ``<name>.fp16.onnx`` beside the fp32 reference model. On the CPU ONNX Runtime runs
@@ -31,9 +40,13 @@ from pathlib import Path
 import torch
 
 from fmgs.export.modules import (
+    PLANAR,
     ColorModule,
     FoundationColorModule,
     GeometryModule,
+    PlanarColorModule,
+    PlanarFoundationColorModule,
+    PlanarGeometryModule,
     PoseEncoderModule,
     SkinningModule,
     geometry_foldable,
@@ -43,16 +56,26 @@ OPSET = 18
 _EXAMPLE_ROWS = 64
 
 
+def _planar(a: torch.Tensor) -> torch.Tensor:
+    """A row-major per-surfel tensor ``(S, ...)`` as a contiguous planar one ``(..., S)``."""
+    return torch.movedim(a.detach(), 0, -1).contiguous()
+
+
 def _io(name: str, shape: list, meaning: str, dtype: str = "float32") -> dict:
     return {"name": name, "shape": shape, "dtype": dtype, "meaning": meaning}
 
 
 def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out: list[str],
-            dynamic_inputs: set[str], path: Path) -> None:
-    """Export ``module(*args)`` to ``path`` with axis 0 of ``dynamic_inputs`` dynamic ('S')."""
+            dynamic_inputs, path: Path) -> None:
+    """Export ``module(*args)`` to ``path`` with the surfel axis of ``dynamic_inputs`` dynamic ('S').
+
+    ``dynamic_inputs``: a set of input names (their axis 0 is ``S``: row-major) or
+    ``{name: axis}`` (planar inputs: the last axis).
+    """
     S = torch.export.Dim("S", min=2, max=1 << 24)
+    axes = dynamic_inputs if isinstance(dynamic_inputs, dict) else dict.fromkeys(dynamic_inputs, 0)
     # positional (the forward's argument names need not equal the ONNX input names)
-    dyn = tuple({0: S} if n in dynamic_inputs else None for n in names_in)
+    dyn = tuple({axes[n] % args[i].dim(): S} if n in axes else None for i, n in enumerate(names_in))
     module.eval()
     buf = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -64,11 +87,50 @@ def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out
     prog.save(str(path), external_data=False)
 
 
+#: Graph layouts :func:`export_full_models` / :func:`export_foundation_models` write
+#: (``fmgs-export --layout``): planar (default) or the row-major graphs of bundles before it.
+LAYOUTS = (PLANAR, "rows")
+
+
+class _Layout:
+    """Names, shapes and example tensors of one graph layout (module docstring).
+
+    ``io(name, row_shape, meaning)``: the manifest I/O entry (planar: ``<name>_planar``, the
+    ``"S"`` axis last); ``t(x)``: an example tensor in the layout; ``dyn(names)``: the dynamic
+    axes for :func:`_export`.
+    """
+
+    def __init__(self, layout: str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"graph layout must be one of {LAYOUTS}, got {layout!r}")
+        self.planar = layout == PLANAR
+        self.entry = {"layout": PLANAR} if self.planar else {}
+
+    def name(self, n: str) -> str:
+        return f"{n}_planar" if self.planar else n
+
+    def io(self, n: str, row_shape: list, meaning: str) -> dict:
+        if not self.planar or row_shape[0] != "S":
+            return _io(n, row_shape, meaning)
+        return _io(self.name(n), [*row_shape[1:], "S"], meaning + (", transposed" if n in _BUNDLE_CHANNELS else ""))
+
+    def t(self, x: torch.Tensor) -> torch.Tensor:
+        return _planar(x) if self.planar else x.detach().contiguous()
+
+    def dyn(self, names: list[str]) -> dict:
+        return {n: (-1 if self.planar else 0) for n in names if n != "pose_code"}
+
+
+#: Graph inputs fed straight from a bundle channel of the same name (planar: transposed at load).
+_BUNDLE_CHANNELS = ("geometry_features", "appearance_features", "centers", "rotations", "scales")
+
+
 @torch.no_grad()
-def export_foundation_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
+def export_foundation_models(run, baked, out_dir: Path, skinning: bool = True, layout: str = PLANAR) -> dict[str, dict]:
     """Export the foundation model's colour MLP into ``out_dir`` (``skinning`` is ignored:
     its weights are SMPL's, baked). Returns the manifest entries as
     :func:`export_full_models`."""
+    lay = _Layout(layout)
     out_dir = Path(out_dir)
     m = run.model
     k = _EXAMPLE_ROWS
@@ -77,18 +139,19 @@ def export_foundation_models(run, baked, out_dir: Path, skinning: bool = True) -
     f_c = torch.as_tensor(baked.surfels["appearance_features"][:k]).contiguous()
     Fc = int(f_c.shape[1])
     Fraw = int(baked.torch_inputs["f_c"].shape[1])
-    mod = FoundationColorModule(m.color_mlp, m.sh_degree if m.view_dependent else -1, Fraw, folded=fold)
+    cls = PlanarFoundationColorModule if lay.planar else FoundationColorModule
+    mod = cls(m.color_mlp, m.sh_degree if m.view_dependent else -1, Fraw, folded=fold)
     view = m.view_dependent
-    args = (f_c, torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)) if view else (f_c,)
-    ins = ["appearance_features", "view_dirs"] if view else ["appearance_features"]
-    _export(mod, args, ins, ["colors"], set(ins), out_dir / "color.onnx")
-    inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
-                  + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)"))]
+    args = (lay.t(f_c),) + ((lay.t(torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)),) if view else ())
+    inputs = [lay.io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
+                     + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)"))]
     if view:
-        inputs.append(_io("view_dirs", ["S", 3], "normalize(T[:3,:3]^T d), d = normalize(mu_o - camera_centre)"))
+        inputs.append(lay.io("view_dirs", ["S", 3], "normalize(T[:3,:3]^T d), d = normalize(mu_o - camera_centre)"))
+    outputs = [lay.io("colors", ["S", 3], "linear RGB in (0, 1)")]
+    ins = [i["name"] for i in inputs]
+    _export(mod, args, ins, [o["name"] for o in outputs], lay.dyn(ins), out_dir / "color.onnx")
     entries["color"] = {
-        "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
-        "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
+        "file": "color.onnx", "opset": OPSET, "optional": False, **lay.entry, "inputs": inputs, "outputs": outputs,
         "view_dir_canonicalization": "transpose" if view else None, "folded_first_layer": fold,
         "equation": "foundation colour: sigmoid(MLP([f_c, SH_3(d_hat)])) (eq. 7 without z_g, Z_p)",
     }
@@ -96,7 +159,7 @@ def export_foundation_models(run, baked, out_dir: Path, skinning: bool = True) -
 
 
 @torch.no_grad()
-def export_full_models(run, baked, out_dir: Path, skinning: bool = True) -> dict[str, dict]:
+def export_full_models(run, baked, out_dir: Path, skinning: bool = True, layout: str = PLANAR) -> dict[str, dict]:
     """Export the full model's per-frame graphs into ``out_dir``: pose encoder, geometry
     residual, colour, and (``skinning``, with the skinning field on) the live skinning field.
 
@@ -105,11 +168,17 @@ def export_full_models(run, baked, out_dir: Path, skinning: bool = True) -> dict
         baked: :class:`fmgs.export.bake.Baked` of the same run.
         out_dir: staging folder.
         skinning: also export the live skinning field.
+        layout: ``"planar"`` (default) or ``"rows"`` geometry and colour graphs (module
+            docstring; ``"rows"`` for runtimes older than the planar layout).
 
     Returns:
         ``{name: manifest entry}`` with ``file``, ``inputs``, ``outputs``, ``opset``,
-        ``optional`` and model-specific notes.
+        ``optional``, ``layout`` (planar graphs) and model-specific notes.
+
+    Raises:
+        ValueError: unknown ``layout``.
     """
+    lay = _Layout(layout)
     out_dir = Path(out_dir)
     m = run.model
     k = _EXAMPLE_ROWS
@@ -131,40 +200,47 @@ def export_full_models(run, baked, out_dir: Path, skinning: bool = True) -> dict
         "equation": "hierarchical pose encoder (3DGS-Avatar), canonical joints baked in",
     }
     z_p = pe(torch.eye(3).expand(24, 3, 3).contiguous())
-    geo = GeometryModule(m.geometry_field, L, folded=fold_g, max_displacement=m.cfg.max_displacement)
-    args = (f_g, z_p, m.centers[:k], m.frames[:k], m.scales0[:k])
-    gin = ["geometry_features", "pose_code", "centers", "rotations", "scales"]
-    _export(geo, args, gin, ["centers_out", "rotations_out", "scales_out", "z_g"],
-            {"geometry_features", "centers", "rotations", "scales"}, out_dir / "geometry.onnx")
+    cls = PlanarGeometryModule if lay.planar else GeometryModule
+    geo = cls(m.geometry_field, L, folded=fold_g, max_displacement=m.cfg.max_displacement)
+    args = (lay.t(f_g), z_p, lay.t(m.centers[:k]), lay.t(m.frames[:k]), lay.t(m.scales0[:k]))
+    inputs = [lay.io("geometry_features", ["S", Fg], "surfels.safetensors geometry_features"
+                     + (" (folded first layer W_1[:, :F] f_g)" if fold_g else " (f_g)")),
+              _io("pose_code", [1, P], "pose_encoder output"),
+              lay.io("centers", ["S", 3], "surfels.safetensors centers (m)"),
+              lay.io("rotations", ["S", 3, 3], "surfels.safetensors rotations" + (" ([i, j, s] = R_s[i, j])" if lay.planar else "")),
+              lay.io("scales", ["S", 2], "surfels.safetensors scales (m)")]
+    if lay.planar:
+        rot_out = [_io("t_u_planar_out", [3, "S"], "column 0 of R' = R exp([delta_r]_x)"),
+                   _io("t_v_planar_out", [3, "S"], "column 1 of R' (the normal is t_u x t_v)")]
+    else:
+        rot_out = [_io("rotations_out", ["S", 3, 3], "R' = R exp([delta_r]_x)")]
+    outputs = [lay.io("centers_out", ["S", 3], "mu' = mu + n delta_d (m)"), *rot_out,
+               lay.io("scales_out", ["S", 2], "s' = s exp(delta_s) (m)"),
+               lay.io("z_g", ["S", L], "geometry latent for color")]
+    if lay.planar:   # "<name>_out" reads "<name>_planar_out"
+        for o in outputs:
+            o["name"] = o["name"].replace("_out_planar", "_planar_out")
+    gin = [i["name"] for i in inputs]
+    _export(geo, args, gin, [o["name"] for o in outputs], lay.dyn(gin), out_dir / "geometry.onnx")
     entries["geometry"] = {
-        "file": "geometry.onnx", "opset": OPSET, "optional": False,
-        "inputs": [_io("geometry_features", ["S", Fg], "surfels.safetensors geometry_features"
-                       + (" (folded first layer W_1[:, :F] f_g)" if fold_g else " (f_g)")),
-                   _io("pose_code", [1, P], "pose_encoder output"),
-                   _io("centers", ["S", 3], "surfels.safetensors centers (m)"),
-                   _io("rotations", ["S", 3, 3], "surfels.safetensors rotations"),
-                   _io("scales", ["S", 2], "surfels.safetensors scales (m)")],
-        "outputs": [_io("centers_out", ["S", 3], "mu' = mu + n delta_d (m)"),
-                    _io("rotations_out", ["S", 3, 3], "R' = R exp([delta_r]_x)"),
-                    _io("scales_out", ["S", 2], "s' = s exp(delta_s) (m)"),
-                    _io("z_g", ["S", L], "geometry latent for color")],
+        "file": "geometry.onnx", "opset": OPSET, "optional": False, **lay.entry, "inputs": inputs, "outputs": outputs,
         "equation": "eq. 3-6" + ("" if m.geometry_field is not None else " (field off: identity, z_g = 0)"),
         "folded_first_layer": fold_g,
     }
     view = m.appearance_field.sh_degree >= 0
-    col = ColorModule(m.appearance_field, folded=fold)
-    z_g = torch.zeros(k, L)
-    cin = ["appearance_features", "z_g", "pose_code"] + (["view_dirs"] if view else [])
-    cargs = (f_c, z_g, z_p) + ((torch.nn.functional.normalize(torch.randn(k, 3), dim=-1),) if view else ())
-    _export(col, cargs, cin, ["colors"], {"appearance_features", "z_g", "view_dirs"}, out_dir / "color.onnx")
-    inputs = [_io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
-                  + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)")),
-              _io("z_g", ["S", L], "geometry output z_g"), _io("pose_code", [1, P], "pose_encoder output")]
+    col = (PlanarColorModule if lay.planar else ColorModule)(m.appearance_field, folded=fold)
+    cargs = (lay.t(f_c), lay.t(torch.zeros(k, L)), z_p) + \
+        ((lay.t(torch.nn.functional.normalize(torch.randn(k, 3), dim=-1)),) if view else ())
+    inputs = [lay.io("appearance_features", ["S", Fc], "surfels.safetensors appearance_features"
+                     + (" (folded first layer W_1[:, :F] f_c)" if fold else " (f_c)")),
+              lay.io("z_g", ["S", L], "geometry output z_g"), _io("pose_code", [1, P], "pose_encoder output")]
     if view:
-        inputs.append(_io("view_dirs", ["S", 3], "normalize(inv(T[:3,:3]) d), d = normalize(mu_o - camera_centre)"))
+        inputs.append(lay.io("view_dirs", ["S", 3], "normalize(inv(T[:3,:3]) d), d = normalize(mu_o - camera_centre)"))
+    outputs = [lay.io("colors", ["S", 3], "linear RGB in (0, 1)")]
+    cin = [i["name"] for i in inputs]
+    _export(col, cargs, cin, [o["name"] for o in outputs], lay.dyn(cin), out_dir / "color.onnx")
     entries["color"] = {
-        "file": "color.onnx", "opset": OPSET, "optional": False, "inputs": inputs,
-        "outputs": [_io("colors", ["S", 3], "linear RGB in (0, 1)")],
+        "file": "color.onnx", "opset": OPSET, "optional": False, **lay.entry, "inputs": inputs, "outputs": outputs,
         "view_dir_canonicalization": "inverse" if view else None, "equation": "eq. 7",
         "folded_first_layer": fold,
     }
