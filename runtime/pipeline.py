@@ -24,6 +24,13 @@ buffers and BLAS matmuls (``T^T = B^T W^T``: one (12, 24) x (24, S) product, on 
 :func:`limit_blas_threads`). The array code is
 written once against the NumPy API and runs on CuPy when :mod:`fmgs.runtime.xp` picks it.
 
+Graphs of the planar layout (manifest ``"layout": "planar"``, :mod:`fmgs.export.onnx_export`)
+take and give per-surfel tensors as ``(C, S)`` rows under ``_planar`` names: the bundle's
+row-major channels are transposed once at load (:data:`PLANAR_INPUTS`), the geometry outputs
+are the LBS inputs as they are, the planar view directions are fed without a transpose and
+the colours land in the table rows directly. Row-major graphs (bundles written before)
+are fed and read as before.
+
 Bundle kinds: ``full`` (three models), ``foundation`` (static geometry, colour model on
 ``f_c`` and the view direction), ``preview`` (static colours, no model).
 """
@@ -54,6 +61,14 @@ _WRITTEN_ROWS = (slice(ROWS["means"].start, ROWS["scales"].stop), ROWS["colors"]
 
 _OUT_ALIASES = {"centers": ("centers_out", "centers"), "rotations": ("rotations_out", "rotations"),
                 "scales": ("scales_out", "scales")}
+
+#: Planar model inputs the pipeline derives at load from the bundle's row-major channels:
+#: ``{planar name: row-major channel}`` (surfel axis moved last, contiguous).
+PLANAR_INPUTS = {"geometry_features_planar": "geometry_features", "appearance_features_planar": "appearance_features",
+                 "centers_planar": "centers", "rotations_planar": "rotations", "scales_planar": "scales"}
+
+#: Outputs of a planar geometry graph (all ``(C, S)``), in the order the LBS reads them.
+_PLANAR_GEOMETRY_OUT = ("centers_planar_out", "t_u_planar_out", "t_v_planar_out", "scales_planar_out", "z_g_planar")
 
 
 @dataclass
@@ -313,11 +328,15 @@ class AvatarPipeline:
             self.models[name] = load_model(bundle.models[name], engines=bundle.engines.get(name),
                                            backend=inference_backend, prefer=providers, threads=threads,
                                            name=name)
+        wanted = {n for m in self.models.values() for n in m.input_names}
+        for name, src in PLANAR_INPUTS.items():
+            if name in wanted and src in self._const:
+                self._const[name] = xp.ascontiguousarray(xp.moveaxis(self._const[src], 0, -1))
         self._check_models(man.get("models", {}))
         col_entry = man.get("models", {}).get("color", {})
         self.view_mode = col_entry.get("view_dir_canonicalization") or "inverse"
         self.view_dependent = bool(view_dependent) and "color" in self.models and \
-            "view_dirs" in self.models["color"].input_names
+            bool({"view_dirs", "view_dirs_planar"} & set(self.models["color"].input_names))
         if "color" not in self.models and self.static_colors is None:
             raise FmgsInputError("bundle has neither a colour model nor per-surfel colours", mpath)
 
@@ -340,15 +359,17 @@ class AvatarPipeline:
         and reads (:func:`fmgs.runtime.inference.check_model_io`)."""
         S = self.S
         feeds = {k: tuple(v.shape) for k, v in self._const.items()}
-        feeds.update(rot_mats=(24, 3, 3), view_dirs=(S, 3))
-        need = {"pose_encoder": ("pose_code",), "color": ("colors",),
-                "geometry": ("z_g", *_OUT_ALIASES.values())}
+        feeds.update(rot_mats=(24, 3, 3), view_dirs=(S, 3), view_dirs_planar=(3, S))
+        geo = self.models.get("geometry")
+        planar_geo = geo is not None and "z_g_planar" in geo.output_names
+        need = {"pose_encoder": ("pose_code",), "color": (("colors", "colors_planar"),),
+                "geometry": _PLANAR_GEOMETRY_OUT if planar_geo else ("z_g", *_OUT_ALIASES.values())}
         for name in ("pose_encoder", "geometry", "color"):   # the order frame() runs them in
             m = self.models.get(name)
             if m is None:
                 continue
             check_model_io(m, entries.get(name), feeds, need[name])
-            for out in ("pose_code", "z_g"):
+            for out in ("pose_code", "z_g", "z_g_planar"):
                 shp = getattr(m, "output_shapes", {}).get(out)
                 if shp is not None:
                     feeds[out] = tuple(S if d is None else d for d in shp)
@@ -402,13 +423,21 @@ class AvatarPipeline:
         if "pose_encoder" in self.models:
             feeds["pose_code"] = self.models["pose_encoder"].run({"rot_mats": rot32})["pose_code"]
             self.last_pose_code = feeds["pose_code"]
+        planar = False
         if "geometry" in self.models:
             g = self.models["geometry"].run(feeds)
-            out = {k: next(g[a] for a in al if a in g) for k, al in _OUT_ALIASES.items()}
-            feeds["z_g"] = g["z_g"]
+            planar = "z_g_planar" in g
+            if planar:
+                feeds["z_g_planar"] = g["z_g_planar"]
+            else:
+                out = {k: next(g[a] for a in al if a in g) for k, al in _OUT_ALIASES.items()}
+                feeds["z_g"] = g["z_g"]
         t2 = time.perf_counter()
         w = self._work
-        if "geometry" in self.models:
+        if planar:
+            # planar outputs are the LBS inputs as they are (contiguous (3, S) / (2, S) rows)
+            mu, tu_c, tv_c, scales = (xp.asarray(g[n]) for n in _PLANAR_GEOMETRY_OUT[:4])
+        elif "geometry" in self.models:
             # row-major model outputs -> contiguous planar buffers (the element-wise LBS below
             # runs ~2x faster on contiguous rows than on strided views)
             mu, tu_c, tv_c = w["mu"], w["tu_c"], w["tv_c"]
@@ -426,18 +455,23 @@ class AvatarPipeline:
         blend_lbs_planar(xp, Tt, mu, tu_c, tv_c, means, tab[ROWS["t_u"]], tab[ROWS["t_v"]], w)
         tab[ROWS["scales"]] = scales
         if "color" in self.models:
-            vrows = self._view_rows
+            cin = self.models["color"].input_names
             if self.view_dependent:
                 canonical_view_dirs_planar(xp, Tt, means, np.asarray(camera_center, np.float64),
                                            self.view_mode, w["vd"], w)
-                xp.copyto(vrows, w["vd"].T)
-                feeds["view_dirs"] = vrows
-            elif "view_dirs" in self.models["color"].input_names:
+                if "view_dirs_planar" in cin:
+                    feeds["view_dirs_planar"] = w["vd"]
+                else:
+                    xp.copyto(self._view_rows, w["vd"].T)
+                    feeds["view_dirs"] = self._view_rows
+            elif "view_dirs_planar" in cin:
+                feeds["view_dirs_planar"] = -self._static_normals_planar()
+            elif "view_dirs" in cin:
                 feeds["view_dirs"] = -self._const["rotations"][:, :, 2]
         t3 = time.perf_counter()
         if "color" in self.models:
-            colors = self.models["color"].run(feeds)["colors"]
-            tab[ROWS["colors"]] = xp.asarray(colors).T
+            c = self.models["color"].run(feeds)
+            tab[ROWS["colors"]] = xp.asarray(c["colors_planar"]) if "colors_planar" in c else xp.asarray(c["colors"]).T
         t4 = time.perf_counter()
         if tab is not out_tab:
             for rows in _WRITTEN_ROWS if "color" in self.models else _WRITTEN_ROWS[:1]:
@@ -450,6 +484,12 @@ class AvatarPipeline:
             if tab is not out_tab:
                 timings.extra["table_copy"] = timings.extra.get("table_copy", 0.0) + (t5 - t4)
         return out_tab
+
+    def _static_normals_planar(self):
+        """(3, S) canonical normals ``R[:, :, 2]^T`` (view-independent colour input), cached."""
+        if getattr(self, "_normals_planar", None) is None:
+            self._normals_planar = self.xp.ascontiguousarray(self._const["rotations"][:, :, 2].T)
+        return self._normals_planar
 
     def posed_surfels(self, poses, world_from_body, camera_center) -> dict[str, np.ndarray]:
         """Row-major NumPy arrays of one posed frame (tests, tools).

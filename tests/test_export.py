@@ -224,17 +224,24 @@ def test_ort_chain_matches_torch_on_a_heldout_pose(full_export):
     rot, B = _numpy_pose(bm, fr.poses, fr.Rh, fr.Th)
     cam = np.asarray(fr.camera.center, np.float64)
     (z,) = _ort(b.models["pose_encoder"]).run(None, {"rot_mats": rot.astype(np.float32)})
-    mu, R, sc, zg = _ort(b.models["geometry"]).run(None, {
-        "geometry_features": s["geometry_features"], "pose_code": z, "centers": s["centers"],
-        "rotations": s["rotations"], "scales": s["scales"]})
+    # the planar graphs (manifest layout "planar"): per-surfel tensors with the surfel axis last
+    assert b.manifest["models"]["geometry"]["layout"] == b.manifest["models"]["color"]["layout"] == "planar"
+    pl = {k: np.ascontiguousarray(np.moveaxis(s[k], 0, -1)) for k in
+          ("geometry_features", "centers", "rotations", "scales", "appearance_features")}
+    mu, tu, tv, sc, zg = (o.T for o in _ort(b.models["geometry"]).run(None, {
+        "geometry_features_planar": pl["geometry_features"], "pose_code": z, "centers_planar": pl["centers"],
+        "rotations_planar": pl["rotations"], "scales_planar": pl["scales"]}))
+    R = np.stack([tu, tv, np.cross(tu, tv)], -1)
     T = np.einsum("sb,bij->sij", s["skin_weights"].astype(np.float64), B)
     means = np.einsum("sij,sj->si", T[:, :3, :3], mu.astype(np.float64)) + T[:, :3, 3]
     d = means - cam
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     dh = np.linalg.solve(T[:, :3, :3], d[..., None])[..., 0]
     dh /= np.linalg.norm(dh, axis=1, keepdims=True)
-    (col,) = _ort(b.models["color"]).run(None, {"appearance_features": s["appearance_features"], "z_g": zg,
-                                                "pose_code": z, "view_dirs": dh.astype(np.float32)})
+    (col,) = _ort(b.models["color"]).run(None, {"appearance_features_planar": pl["appearance_features"],
+                                                "z_g_planar": np.ascontiguousarray(zg.T), "pose_code": z,
+                                                "view_dirs_planar": np.ascontiguousarray(dh.T, dtype=np.float32)})
+    col = col.T
     with torch.no_grad():
         rot_t, B_t = pose_frame(fr.poses, None, None, setup.rest_joints, setup.canonical_G, fr.world_from_body)
         posed = model(rot_t, B_t, torch.as_tensor(cam, dtype=torch.float32),
@@ -539,3 +546,79 @@ def test_overwrite_replaces_our_bundle_only(foundation_export, tmp_path):
     rc, _, err = _cli([str(run), "--out", str(run), "--no-check", "--trt", "off", "--overwrite"])
     assert rc == 2 and "refusing to replace: this folder is" in err
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_planar_graph_modules_equal_the_trainer_fields():
+    """The planar graph modules (surfel axis last) equal, in float64, the trainer's eq. 3-7 on
+    the same surfels: geometry (raw and folded features, bounded displacement), full colour
+    (raw and folded, view dependent) and foundation colour (view dependent and not)."""
+    from fmgs.export.modules import (PlanarColorModule, PlanarFoundationColorModule, PlanarGeometryModule,
+                                     fold_first_layer)
+    from fmgs.trainer.models.fields import (AppearanceField, GeometryResidualField, apply_geometry_residual,
+                                            sh_basis, so3_exp)
+
+    torch.manual_seed(5)
+    S, md = 300, 0.05
+    P = lambda x: torch.movedim(x, 0, -1).contiguous()   # noqa: E731 - (S, ...) -> (..., S)
+    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=2).double()
+    with torch.no_grad():
+        field.mlp[-1].weight.normal_(0, 0.3)
+        field.mlp[-1].bias.normal_(0, 0.1)
+    f_g, f_c = torch.randn(S, 32, dtype=torch.float64), torch.randn(S, 32, dtype=torch.float64)
+    z_p = torch.randn(1, 16, dtype=torch.float64)
+    mu, sc = torch.randn(S, 3, dtype=torch.float64), torch.rand(S, 2, dtype=torch.float64) * 0.01 + 0.001
+    R = so3_exp(torch.randn(S, 3, dtype=torch.float64))
+    d = torch.nn.functional.normalize(torch.randn(S, 3, dtype=torch.float64), dim=-1) * 2.0
+    app = AppearanceField(32, 16, 16, sh_degree=3, width=64, n_hidden=1).double()
+    mlp = torch.nn.Sequential(torch.nn.Linear(32 + 16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+    with torch.no_grad():
+        res = field(f_g, z_p)
+        ref = apply_geometry_residual(mu, R, sc, None, res._replace(delta_d=md * torch.tanh(res.delta_d / md)))
+        assert (ref.rotations - R).abs().max() > 0.1            # residual rotations far from identity
+        col_ref = app(f_c, res.z_g, z_p, d)
+        fnd_ref = torch.sigmoid(mlp(torch.cat([f_c, sh_basis(torch.nn.functional.normalize(d, dim=-1), 3)], -1)))
+        for folded in (False, True):
+            gm = PlanarGeometryModule(field, 16, folded=folded, max_displacement=md)
+            fg = fold_first_layer(f_g, field.mlp[0], slice(0, 32)).double() if folded else f_g
+            c, tu, tv, s_, z = gm(P(fg), z_p, P(mu), P(R), P(sc))
+            tol = 1e-5 if folded else 1e-12            # fold_first_layer rounds to float32 once
+            torch.testing.assert_close(c.T, ref.centers, atol=tol, rtol=0)
+            torch.testing.assert_close(tu.T, ref.rotations[:, :, 0], atol=tol, rtol=0)
+            torch.testing.assert_close(tv.T, ref.rotations[:, :, 1], atol=tol, rtol=0)
+            torch.testing.assert_close(s_.T, ref.scales, atol=0, rtol=tol)
+            torch.testing.assert_close(z.T, res.z_g, atol=tol, rtol=0)
+            fc = fold_first_layer(f_c, app.mlp[0], slice(0, 32)).double() if folded else f_c
+            col = PlanarColorModule(app, folded=folded)(P(fc), P(res.z_g), z_p, P(d))
+            torch.testing.assert_close(col.T, col_ref, atol=tol, rtol=0)
+            ff = fold_first_layer(f_c, mlp[0], slice(0, 32)).double() if folded else f_c
+            fnd = PlanarFoundationColorModule(mlp, 3, 32, folded=folded)(P(ff), P(d))
+            torch.testing.assert_close(fnd.T, fnd_ref, atol=tol, rtol=0)
+        flat = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+        torch.testing.assert_close(PlanarFoundationColorModule(flat, -1, 32)(P(f_c)).T, torch.sigmoid(flat(f_c)),
+                                   atol=1e-12, rtol=0)
+
+
+def test_rows_layout_bundle_plays_like_the_planar_one(full_export, tmp_path):
+    """``--layout rows`` (the row-major graphs of earlier bundles) passes the parity check
+    and the runtime poses it exactly like the default planar bundle of the same run."""
+    from fmgs.export.api import export_run
+    from fmgs.runtime.pipeline import AvatarPipeline
+
+    run, bdir, _ = full_export
+    rep = export_run(run, tmp_path / "rows", parity_frames=1, bake_frames=2, trt="off", ply=False,
+                     layout="rows", verbose=False)
+    assert rep["parity"]["passed"]
+    man = json.loads((tmp_path / "rows" / "manifest.json").read_text())
+    assert "layout" not in man["models"]["geometry"] and "layout" not in man["models"]["color"]
+    _, _, _, _, test = _rebuild(run)
+    fr = test[0]
+    cam = np.asarray(fr.camera.center, np.float64)
+    got = {}
+    for name, path in (("planar", bdir), ("rows", tmp_path / "rows")):
+        pipe = AvatarPipeline(path, array_backend="numpy", inference_backend="onnxruntime", providers="cpu",
+                              threads=1, drop_invisible=False)
+        got[name] = pipe.posed_surfels(np.asarray(fr.poses).reshape(24, 3), fr.world_from_body, cam)
+    for k in got["rows"]:
+        np.testing.assert_allclose(got["planar"][k], got["rows"][k], atol=1e-6, rtol=0, err_msg=k)
+    with pytest.raises(FmgsInputError, match="layout"):
+        export_run(run, tmp_path / "bad", layout="columns", verbose=False)
