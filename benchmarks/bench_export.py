@@ -47,7 +47,7 @@ def _inputs(bundle, rng):
     """Per-model input dicts built from the bundle (outputs of upstream models where needed),
     in each graph's layout (row-major or planar, :mod:`fmgs.export.onnx_export`)."""
     from fmgs.body_model import axis_angle_to_matrix
-    from fmgs.export.checks import run_rows
+    from fmgs.export.checks import layout_feeds, run_rows
 
     s = bundle.surfels
     S = bundle.num_surfels
@@ -74,9 +74,7 @@ def _inputs(bundle, rng):
             f["view_dirs"] = d
         feeds["color"] = f
     for name, f in feeds.items():          # planar graphs: per-surfel inputs with the surfel axis last
-        ins = [i["name"] for i in bundle.manifest["models"][name]["inputs"]]
-        feeds[name] = {n: (np.ascontiguousarray(np.moveaxis(f[n[:-7]], 0, -1)) if n.endswith("_planar") else f[n])
-                       for n in ins}
+        feeds[name] = layout_feeds([i["name"] for i in bundle.manifest["models"][name]["inputs"]], f)
     if "skinning" in bundle.models:
         f = {"points": s["centers"]}
         if any(i["name"] == "prior_weights" for i in bundle.manifest["models"]["skinning"]["inputs"]):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fmgs.atomic import clean_stale, staging_prefix
-from fmgs.bundle import check_bundle_replaceable, write_bundle
+from fmgs.bundle import GRAPH_LAYOUTS, PLANAR, check_bundle_replaceable, write_bundle
 from fmgs.errors import FmgsInputError
 
 #: fp16 parity is informational (float16 has ~3 significant digits); this is its threshold
@@ -36,7 +36,7 @@ class ExportCheckFailed(RuntimeError):
 def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt: str = "auto",
                check: bool = True, parity_frames: int = 3, bake_frames: int = 32, skinning_model: bool = True,
                ply: bool = True, ply_sh_rest: bool = True, overrides: tuple[str, ...] | list[str] = (),
-               overwrite: bool = False, threads: int = 2, fold: bool = True, layout: str = "planar",
+               overwrite: bool = False, threads: int = 2, fold: bool = True, layout: str = PLANAR,
                verbose: bool = True) -> dict:
     """Export a trained run into a bundle folder.
 
@@ -87,8 +87,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, fp16: bool = False, trt:
             print(msg, flush=True)
 
     out = Path(out)
-    if layout not in ("planar", "rows"):
-        raise FmgsInputError(f"graph layout must be 'planar' or 'rows', got {layout!r}")
+    if layout not in GRAPH_LAYOUTS:
+        raise FmgsInputError(f"graph layout must be one of {', '.join(GRAPH_LAYOUTS)}, got {layout!r}")
     if os.path.lexists(out) and not overwrite:
         raise FmgsInputError("bundle folder already exists (use --overwrite to replace it)", out)
     check_bundle_replaceable(out, protect=[run_dir])   # before any work, and again at the swap

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmgs.bundle import PLANAR
 from fmgs.export.bake import Baked, LoadedRun, training_poses
 
 #: fp32 parity tolerance (max abs error, any output).
@@ -94,9 +95,18 @@ def canonical_view_dirs(means: np.ndarray, T: np.ndarray, camera_center: np.ndar
     return dh / np.linalg.norm(dh, axis=1, keepdims=True)
 
 
-#: planar graph outputs -> the row-major output each stands for (``t_u``/``t_v`` make ``rotations_out``)
-_ROW_OF_PLANAR = {"centers_planar_out": "centers_out", "scales_planar_out": "scales_out", "z_g_planar": "z_g",
-                  "colors_planar": "colors"}
+def layout_feeds(input_names, feeds: dict) -> dict:
+    """A graph's feeds from row-major arrays: input ``<name>_planar`` gets ``feeds[<name>]`` with
+    the surfel axis moved last (contiguous float32); any other input gets ``feeds[name]`` as is.
+
+    Args:
+        input_names: the graph's input names (either layout).
+        feeds: ``{row-major input name: array}``.
+    Raises:
+        KeyError: an input without a row-major array in ``feeds``.
+    """
+    return {n: np.ascontiguousarray(np.moveaxis(np.asarray(feeds[n[:-7]], np.float32), 0, -1))
+            if n.endswith("_planar") else feeds[n] for n in input_names}
 
 
 def run_rows(session, entry: dict, feeds: dict) -> dict[str, np.ndarray]:
@@ -117,16 +127,11 @@ def run_rows(session, entry: dict, feeds: dict) -> dict[str, np.ndarray]:
         ``{output name: float32 array}``.
     """
     names = [o.name for o in session.get_outputs()]
-    if entry.get("layout") != "planar":
-        return dict(zip(names, session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})))
-    f = {}
-    for i in session.get_inputs():
-        if i.name.endswith("_planar"):
-            f[i.name] = np.ascontiguousarray(np.moveaxis(np.asarray(feeds[i.name[:-7]], np.float32), 0, -1))
-        else:
-            f[i.name] = feeds[i.name]
-    outs = {n: np.moveaxis(a, -1, 0) for n, a in zip(names, session.run(None, f))}
-    rows = {_ROW_OF_PLANAR.get(n, n): np.ascontiguousarray(a) for n, a in outs.items() if not n.startswith("t_")}
+    outs = dict(zip(names, session.run(None, layout_feeds([i.name for i in session.get_inputs()], feeds))))
+    if entry.get("layout") != PLANAR:
+        return outs
+    outs = {n: np.moveaxis(a, -1, 0) for n, a in outs.items()}
+    rows = {n.replace("_planar", ""): np.ascontiguousarray(a) for n, a in outs.items() if not n.startswith("t_")}
     if "t_u_planar_out" in outs:
         tu, tv = outs["t_u_planar_out"], outs["t_v_planar_out"]
         rows["rotations_out"] = np.stack([tu, tv, np.cross(tu, tv)], -1).astype(np.float32)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fmgs.bundle import GRAPH_LAYOUTS, PLANAR
 from fmgs.errors import run_cli
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fold", action="store_true",
                     help="store the raw hash-grid features f_g, f_c instead of the folded first-layer products "
                          "W_1 f (slower per frame; docs/bundle.md)")
-    ap.add_argument("--layout", choices=("planar", "rows"), default="planar",
+    ap.add_argument("--layout", choices=GRAPH_LAYOUTS, default=PLANAR,
                     help="per-surfel layout of the geometry and colour graphs: planar (default, faster) or rows "
                          "(the row-major graphs that fmgs-play versions before the planar layout read)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the checks (2)")

@@ -235,16 +235,22 @@ class ColorModule(nn.Module):
         self.field = field
         self.folded = bool(folded)
 
+    def first_layer_columns(self, L: int, P: int) -> tuple[torch.Tensor, int, int]:
+        """The first layer's weight ``W`` ``(H, F + L + P + n_sh)`` and where its column blocks
+        start: ``(W, Fd, k)`` with ``f_c`` in ``[:Fd]``, ``z_g`` in ``[Fd:Fd+L]``, ``Z_p`` in
+        ``[Fd+L:k]`` and the SH bands from ``k`` (eq. 7's input order ``[f_c, z_g, Z_p, SH]``)."""
+        W = self.field.mlp[0].weight
+        n_sh = (self.field.sh_degree + 1) ** 2 if self.field.sh_degree >= 0 else 0
+        Fd = W.shape[1] - L - P - n_sh
+        return W, Fd, Fd + L + P
+
     def forward(self, appearance_features, z_g, pose_code, view_dirs=None):
         f = self.field
         if not self.folded:
             return f(appearance_features, z_g, pose_code, view_dirs)
         first = f.mlp[0]
-        W = first.weight
         L, P = z_g.shape[1], pose_code.shape[1]
-        n_sh = (f.sh_degree + 1) ** 2 if f.sh_degree >= 0 else 0
-        Fd = W.shape[1] - L - P - n_sh
-        k = Fd + L + P                                                            # first SH column
+        W, Fd, k = self.first_layer_columns(L, P)
         bias = pose_code @ W[:, Fd + L:k].T + first.bias                          # (1, H) per frame
         cols = [z_g]
         rows = [W[:, Fd:Fd + L].T]
@@ -356,11 +362,6 @@ class FoundationColorModule(nn.Module):
 
 
 # =========================================================================== planar graphs
-#: Manifest ``layout`` of graphs whose per-surfel tensors are planar ``(C, S)`` (one
-#: contiguous row per channel); graphs without the key are row-major ``(S, C)``.
-PLANAR = "planar"
-
-
 def _planar_layers(layers, h: torch.Tensor) -> torch.Tensor:
     """Run ``nn.Linear`` / ``nn.ReLU`` layers on planar activations ``(D, S)``: ``W h + b``."""
     for layer in layers:
@@ -442,11 +443,8 @@ class PlanarColorModule(ColorModule):
     def forward(self, appearance_features, z_g, pose_code, view_dirs=None):
         f = self.field
         first = f.mlp[0]
-        W = first.weight
         L, P = z_g.shape[0], pose_code.shape[1]
-        n_sh = (f.sh_degree + 1) ** 2 if f.sh_degree >= 0 else 0
-        Fd = W.shape[1] - L - P - n_sh
-        k = Fd + L + P                                                            # first SH column
+        W, Fd, k = self.first_layer_columns(L, P)
         bias = W[:, Fd + L:k] @ pose_code.T + first.bias.unsqueeze(-1)            # (H, 1) per frame
         rows, cols = [z_g], [W[:, Fd:Fd + L]]
         if f.sh_degree >= 0:

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
+from fmgs.bundle import GRAPH_LAYOUTS, PLANAR
 from fmgs.export.modules import (
-    PLANAR,
     ColorModule,
     FoundationColorModule,
     GeometryModule,
@@ -87,11 +87,6 @@ def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out
     prog.save(str(path), external_data=False)
 
 
-#: Graph layouts :func:`export_full_models` / :func:`export_foundation_models` write
-#: (``fmgs-export --layout``): planar (default) or the row-major graphs of bundles before it.
-LAYOUTS = (PLANAR, "rows")
-
-
 class _Layout:
     """Names, shapes and example tensors of one graph layout (module docstring).
 
@@ -101,13 +96,16 @@ class _Layout:
     """
 
     def __init__(self, layout: str):
-        if layout not in LAYOUTS:
-            raise ValueError(f"graph layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout not in GRAPH_LAYOUTS:
+            raise ValueError(f"graph layout must be one of {GRAPH_LAYOUTS}, got {layout!r}")
         self.planar = layout == PLANAR
         self.entry = {"layout": PLANAR} if self.planar else {}
 
     def name(self, n: str) -> str:
-        return f"{n}_planar" if self.planar else n
+        """``n`` in this layout: planar ``<n>_planar``, an output ``<n>_out`` as ``<n>_planar_out``."""
+        if not self.planar:
+            return n
+        return f"{n[:-4]}_planar_out" if n.endswith("_out") else f"{n}_planar"
 
     def io(self, n: str, row_shape: list, meaning: str) -> dict:
         if not self.planar or row_shape[0] != "S":
@@ -210,16 +208,13 @@ def export_full_models(run, baked, out_dir: Path, skinning: bool = True, layout:
               lay.io("rotations", ["S", 3, 3], "surfels.safetensors rotations" + (" ([i, j, s] = R_s[i, j])" if lay.planar else "")),
               lay.io("scales", ["S", 2], "surfels.safetensors scales (m)")]
     if lay.planar:
-        rot_out = [_io("t_u_planar_out", [3, "S"], "column 0 of R' = R exp([delta_r]_x)"),
-                   _io("t_v_planar_out", [3, "S"], "column 1 of R' (the normal is t_u x t_v)")]
+        rot_out = [lay.io("t_u_out", ["S", 3], "column 0 of R' = R exp([delta_r]_x)"),
+                   lay.io("t_v_out", ["S", 3], "column 1 of R' (the normal is t_u x t_v)")]
     else:
         rot_out = [_io("rotations_out", ["S", 3, 3], "R' = R exp([delta_r]_x)")]
     outputs = [lay.io("centers_out", ["S", 3], "mu' = mu + n delta_d (m)"), *rot_out,
                lay.io("scales_out", ["S", 2], "s' = s exp(delta_s) (m)"),
                lay.io("z_g", ["S", L], "geometry latent for color")]
-    if lay.planar:   # "<name>_out" reads "<name>_planar_out"
-        for o in outputs:
-            o["name"] = o["name"].replace("_out_planar", "_planar_out")
     gin = [i["name"] for i in inputs]
     _export(geo, args, gin, [o["name"] for o in outputs], lay.dyn(gin), out_dir / "geometry.onnx")
     entries["geometry"] = {

@@ -49,7 +49,7 @@ from fmgs.errors import FmgsInputError
 
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "SURFELS_NAME", "KINDS", "CHANNELS",
-    "REQUIRED_CHANNELS", "CONVENTIONS", "MODEL_NAMES", "Bundle", "make_body_model", "write_bundle",
+    "REQUIRED_CHANNELS", "CONVENTIONS", "MODEL_NAMES", "PLANAR", "GRAPH_LAYOUTS", "Bundle", "make_body_model", "write_bundle",
     "read_bundle", "sha256_file", "bundle_ownership", "check_bundle_replaceable",
 ]
 
@@ -63,6 +63,12 @@ SURFELS_NAME = "surfels.safetensors"
 KINDS = ("full", "foundation", "preview")
 #: ONNX model names a bundle may list (``manifest["models"]`` keys), in pipeline order.
 MODEL_NAMES = ("pose_encoder", "geometry", "color", "skinning")
+#: ``manifest["models"][name]["layout"]`` of graphs whose per-surfel tensors are planar ``(C, S)``
+#: under ``<name>_planar`` names (docs/bundle.md); entries without the key are row-major ``(S, C)``.
+PLANAR = "planar"
+#: Graph layouts ``fmgs-export --layout`` writes: planar (default) or the row-major graphs of
+#: bundles before it.
+GRAPH_LAYOUTS = (PLANAR, "rows")
 
 #: Per-surfel tensors of ``surfels.safetensors``. ``shape`` uses ``"S"`` for the surfel
 #: count; ``None`` marks a width that the manifest declares (feature sizes).

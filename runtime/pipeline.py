@@ -340,12 +340,14 @@ class AvatarPipeline:
         if "color" not in self.models and self.static_colors is None:
             raise FmgsInputError("bundle has neither a colour model nor per-surfel colours", mpath)
 
-        # planar views of the static canonical geometry (used when no geometry model runs)
+        # planar views of the static canonical geometry (used when no geometry model runs; the
+        # normals are the view input of a planar colour graph when view dependence is off)
         self._static_planar = {
             "centers": xp.ascontiguousarray(self._const["centers"].T),
             "tu": xp.ascontiguousarray(self._const["rotations"][:, :, 0].T),
             "tv": xp.ascontiguousarray(self._const["rotations"][:, :, 1].T),
             "scales": xp.ascontiguousarray(self._const["scales"].T),
+            "normals": xp.ascontiguousarray(self._const["rotations"][:, :, 2].T),
         }
         self._work = {"n": xp.empty((3, S), f32), "tmp": xp.empty(S, f32), "d": xp.empty((3, S), f32),
                       "c": xp.empty((3, S), f32), "Tt": xp.empty((12, S), f32), "mu": xp.empty((3, S), f32),
@@ -465,7 +467,7 @@ class AvatarPipeline:
                     xp.copyto(self._view_rows, w["vd"].T)
                     feeds["view_dirs"] = self._view_rows
             elif "view_dirs_planar" in cin:
-                feeds["view_dirs_planar"] = -self._static_normals_planar()
+                feeds["view_dirs_planar"] = -self._static_planar["normals"]
             elif "view_dirs" in cin:
                 feeds["view_dirs"] = -self._const["rotations"][:, :, 2]
         t3 = time.perf_counter()
@@ -484,12 +486,6 @@ class AvatarPipeline:
             if tab is not out_tab:
                 timings.extra["table_copy"] = timings.extra.get("table_copy", 0.0) + (t5 - t4)
         return out_tab
-
-    def _static_normals_planar(self):
-        """(3, S) canonical normals ``R[:, :, 2]^T`` (view-independent colour input), cached."""
-        if getattr(self, "_normals_planar", None) is None:
-            self._normals_planar = self.xp.ascontiguousarray(self._const["rotations"][:, :, 2].T)
-        return self._normals_planar
 
     def posed_surfels(self, poses, world_from_body, camera_center) -> dict[str, np.ndarray]:
         """Row-major NumPy arrays of one posed frame (tests, tools).
