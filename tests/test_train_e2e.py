@@ -420,3 +420,21 @@ def test_eval_silhouette_refinement_fits_the_other_sequences_masks(tiny_run, tmp
     wrong = _eval_cli([str(tiny_run), "--out", str(tmp_path / "ev2"), "--refine-poses", "1",
                        "--refine-masks-from", str(tmp_path / "nowhere")], data_root)
     assert wrong.returncode != 0 and "nowhere" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_loading_a_run_takes_its_thread_setting(tiny_run):
+    """``load_run`` (fmgs-eval, fmgs-prep refine, fmgs-export) runs torch on the config's
+    ``train.threads``, overridable with ``--set``; null leaves torch's count alone."""
+    import torch
+
+    from fmgs.trainer.engine.run import load_run
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        load_run(tiny_run, ["train.threads=1"], split="test")
+        assert torch.get_num_threads() == 1
+        load_run(tiny_run, ["train.threads=null"], split="test")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

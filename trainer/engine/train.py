@@ -29,7 +29,7 @@ from fmgs.trainer.models.densify import (
     DensifyStats, densify_iterations, densify_model, prune_candidates, replay_on_model, select_faces,
 )
 from fmgs.trainer.engine.run import (
-    apply_lr_schedule, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
+    apply_lr_schedule, apply_threads, build_model, build_setup, check_backend, heldout_split, make_optimizer, open_sequence,
     quick_eval, resolve_device,
 )
 
@@ -103,8 +103,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
     test_seq = open_sequence(cfg, split)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads:
-        torch.set_num_threads(int(cfg.train.threads))
+    apply_threads(cfg)
     if not resume:
         print(f"data: {cfg.data.root}")
         save_config(cfg, run_dir / "config.yaml")
