@@ -131,7 +131,9 @@ class FullSettings:
 
     Attributes:
         geometry_field: pose-dependent geometry residual, eq. 3-6.
-        geometry_width: width of the "lightweight" geometry MLP (2 hidden layers).
+        geometry_width: width of the "lightweight" geometry MLP.
+        geometry_hidden: hidden layers of the geometry MLP (2; the paper only says
+            "lightweight", and its colour MLP has one).
         appearance_hidden: hidden layers (width 64) of the colour MLP (eq. 7: one).
         skinning_field: neural skinning, eq. 9 (off: SMPL weights).
         skinning_query: ``canonical`` (W at mu, precomputed lookup, exact bake) or
@@ -157,6 +159,7 @@ class FullSettings:
 
     geometry_field: bool = True
     geometry_width: int = 64
+    geometry_hidden: int = 2
     appearance_hidden: int = 1
     skinning_field: bool = True
     skinning_query: str = "canonical"
@@ -474,6 +477,7 @@ ADDED_KEYS = {
     "model.densify.max_surfels": 70000,
     "model.densify.prune_opacity": 0.0,
     "model.densify.final_prune_opacity": 0.0,     # no end-of-training pruning
+    "model.full.geometry_hidden": 2,              # two hidden layers in the geometry MLP
     "model.full.pose_input": "rotation",          # raw rotation entries into the pose encoder
     "model.full.pose_input_scale": 0.1,
     "model.full.pose_correction_every": 1,        # one correction per training frame
@@ -512,6 +516,7 @@ RANGES = {
     "model.foundation.color_mlp_width": (1, 4096, True, True),
     "model.foundation.color_mlp_layers": (0, 16, True, True),
     "model.full.geometry_width": (1, 4096, True, True),
+    "model.full.geometry_hidden": (1, 16, True, True),
     "model.full.appearance_hidden": (0, 16, True, True),
     "model.full.skinning_subset": (0.0, 1.0, False, True),
     "model.full.pose_input_scale": (0.0, None, False, True),

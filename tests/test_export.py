@@ -456,7 +456,7 @@ def test_geometry_module_bounded_displacement_matches_the_trainer():
 
     torch.manual_seed(3)
     S, md = 500, 0.02
-    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=2).double()
+    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=geometry_hidden).double()
     with torch.no_grad():
         last = field.mlp[-1]
         last.weight.normal_(0, 0.05)
@@ -548,9 +548,11 @@ def test_overwrite_replaces_our_bundle_only(foundation_export, tmp_path):
     assert sorted(p.name for p in run.rglob("*")) == before
 
 
-def test_planar_graph_modules_equal_the_trainer_fields():
+@pytest.mark.parametrize("geometry_hidden", [2, 1])
+def test_planar_graph_modules_equal_the_trainer_fields(geometry_hidden):
     """The planar graph modules (surfel axis last) equal, in float64, the trainer's eq. 3-7 on
-    the same surfels: geometry (raw and folded features, bounded displacement), full colour
+    the same surfels: geometry (raw and folded features, bounded displacement; the default two
+    hidden layers and ``model.full.geometry_hidden=1``), full colour
     (raw and folded, view dependent) and foundation colour (view dependent and not)."""
     from fmgs.export.modules import (PlanarColorModule, PlanarFoundationColorModule, PlanarGeometryModule,
                                      fold_first_layer)
@@ -560,7 +562,7 @@ def test_planar_graph_modules_equal_the_trainer_fields():
     torch.manual_seed(5)
     S, md = 300, 0.05
     P = lambda x: torch.movedim(x, 0, -1).contiguous()   # noqa: E731 - (S, ...) -> (..., S)
-    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=2).double()
+    field = GeometryResidualField(32, 16, 16, width=64, n_hidden=geometry_hidden).double()
     with torch.no_grad():
         field.mlp[-1].weight.normal_(0, 0.3)
         field.mlp[-1].bias.normal_(0, 0.1)

@@ -161,7 +161,7 @@ class FullModelConfig:
     pose_dim: int = 16
     geometry_latent_dim: int = 16
     geometry_width: int = FullSettings.geometry_width
-    geometry_hidden: int = 2
+    geometry_hidden: int = FullSettings.geometry_hidden
     appearance_width: int = 64
     appearance_hidden: int = FullSettings.appearance_hidden
     sh_degree: int = 3
@@ -204,7 +204,7 @@ class FullModelConfig:
             sh_degree=int(m.sh_degree) if bool(m.view_dependent) else -1,
             use_geometry_field=bool(f.geometry_field), use_skinning_field=bool(f.skinning_field),
             use_semantic_field=bool(f.semantic_field), geometry_width=int(f.geometry_width),
-            appearance_hidden=int(f.appearance_hidden), skinning_query=str(f.skinning_query),
+            geometry_hidden=int(f.geometry_hidden), appearance_hidden=int(f.appearance_hidden), skinning_query=str(f.skinning_query),
             skinning_subset=float(f.skinning_subset),
             use_pose_correction=bool(f.pose_correction) and num_frames > 0, num_frames=int(num_frames),
             pose_correction_every=int(f.pose_correction_every),
