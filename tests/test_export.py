@@ -447,8 +447,10 @@ def test_interrupted_export_leaves_no_bundle(foundation_export, tmp_path, monkey
 
 
 # =========================================================================== exporter building blocks
-def test_geometry_module_bounded_displacement_matches_the_trainer():
-    """GeometryModule with ``max_displacement`` (raw and folded graphs) equals, in float64,
+@pytest.mark.parametrize("geometry_hidden", [2, 1])
+def test_geometry_module_bounded_displacement_matches_the_trainer(geometry_hidden):
+    """GeometryModule with ``max_displacement`` (raw and folded graphs; two hidden layers and
+    ``model.full.geometry_hidden=1``) equals, in float64,
     eq. 4-6 applied to the field's residual with delta_d -> d_max tanh(delta_d / d_max),
     on residuals large enough (|delta_d| up to ~0.3 m) for the bound to act."""
     from fmgs.export.modules import GeometryModule, fold_first_layer
