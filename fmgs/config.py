@@ -135,7 +135,8 @@ class FullSettings:
         geometry_hidden: hidden layers of the geometry MLP (2; the paper only says
             "lightweight", and its colour MLP has one). 1 plays the full avatar ~14% faster
             (32-33 vs 28-30 FPS at 512^2, 2-core CPU) at -0.02 / -0.20 dB on the two
-            PeopleSnapshot validation splits (not significant; docs/benchmarks.md, fifth round).
+            PeopleSnapshot validation splits (not significant) and -0.19 dB on 377's (significant;
+            docs/benchmarks.md, fifth round).
         appearance_hidden: hidden layers (width 64) of the colour MLP (eq. 7: one).
         skinning_field: neural skinning, eq. 9 (off: SMPL weights).
         skinning_query: ``canonical`` (W at mu, precomputed lookup, exact bake) or
