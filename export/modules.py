@@ -14,7 +14,7 @@ Two exact rewrites make the per-frame graphs cheap in ONNX Runtime (CPU, 55k sur
   code; a small product for ``z_g`` and the view encoding). The input keeps its name
   (``geometry_features`` / ``appearance_features``), only its width becomes the hidden width.
 * **elementwise small algebra**: the rotation residual ``R exp([r]_x)`` without batched 3x3
-  MatMuls (:func:`rotate_local`), ``normalize`` without ``Expand``, the constant SH band in the
+  MatMuls (:func:`rotate_local`; planar graphs: :func:`rotate_tangents_planar`), ``normalize`` without ``Expand``, the constant SH band in the
   bias (:func:`sh_bands_without_dc`), the hash encoding of the live skinning field as one
   Gather (:func:`hash_encode_gather`; ``embedding_bag`` exports as a Loop that is quadratic in
   ``S``).
@@ -412,15 +412,52 @@ class PlanarGeometryModule(GeometryModule):
         else:
             h = torch.addmm(col, first.weight[:, :Fd], geometry_features)
         out = _planar_layers(mlp[1:], h)                                            # (6 + L, S)
-        d = out[0]
+        d = out[0:1]
         if self.max_displacement > 0:
             d = self.max_displacement * torch.tanh(d / self.max_displacement)
         mu = centers + R[:, 2] * d                                                  # eq. 4
         sc = scales * torch.exp(out[1:3])                                           # eq. 5
-        E = _so3_exp_entries(out[3:6])                                              # eq. 6
-        tu = torch.stack([R[i, 0] * E[0][0] + R[i, 1] * E[1][0] + R[i, 2] * E[2][0] for i in range(3)], 0)
-        tv = torch.stack([R[i, 0] * E[0][1] + R[i, 1] * E[1][1] + R[i, 2] * E[2][1] for i in range(3)], 0)
+        tu, tv = rotate_tangents_planar(R, out[3:6])                                # eq. 6
         return mu, tu, tv, sc, out[6:]
+
+
+def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns 0 and 1 (``t_u``, ``t_v``) of ``R exp([v]_x)`` (eq. 6) on planar tensors.
+
+    Rodrigues' formula applied to the basis vectors, ``exp([v]_x) e = c e + b (v.e) v + a (v x e)``
+    with ``t = |v|``, ``a = sin t / t``, ``b = (1 - cos t) / t^2 = 2 (sin(t/2) / t)^2`` and
+    ``c = 1 - b t^2``, then multiplied by ``R`` (columns ``R_0, R_1, R_2``)::
+
+        t_u = c R_0 + b x (R v) + a (z R_1 - y R_2)
+        t_v = c R_1 + b y (R v) + a (x R_2 - z R_0)
+
+    as whole ``(3, S)`` products (about half the graph nodes of the entry-by-entry form of
+    :func:`rotate_local`). ``t = sqrt(t^2 + 1e-30)`` keeps ``v = 0`` finite without the
+    trainer's small-angle branch (:func:`~fmgs.trainer.models.fields.so3_exp`): ``sin`` of a
+    tiny argument is the argument in float32, so ``a -> 1`` and ``b -> 1/2`` there, and the
+    half-angle form of ``b`` has no ``1 - cos`` cancellation. Same values as the trainer's map
+    to float32 rounding (the export's parity check compares them).
+
+    Args:
+        R: ``(3, 3, S)`` frames, ``R[i, j, s] = R_s[i, j]`` (columns ``[t_u, t_v, n]``).
+        v: ``(3, S)`` rotation vectors (radians).
+
+    Returns:
+        ``(t_u, t_v)``, each ``(3, S)``.
+    """
+    x, y, z = v[0:1], v[1:2], v[2:3]
+    t2 = (v * v).sum(0, keepdim=True)
+    t = torch.sqrt(t2 + 1e-30)
+    a = torch.sin(t) / t
+    h = torch.sin(0.5 * t) / t
+    b = 2.0 * h * h
+    c = 1.0 - b * t2
+    R0, R1, R2 = R[:, 0], R[:, 1], R[:, 2]
+    Rv = R0 * x + R1 * y + R2 * z
+    az = a * z
+    tu = c * R0 + (b * x) * Rv + az * R1 - (a * y) * R2
+    tv = c * R1 + (b * y) * Rv + (a * x) * R2 - az * R0
+    return tu, tv
 
 
 class PlanarColorModule(ColorModule):

@@ -486,9 +486,11 @@ def test_geometry_module_bounded_displacement_matches_the_trainer(geometry_hidde
 
 
 def test_elementwise_rewrites_equal_the_trainer_functions():
-    """rotate_local / sh_bands_without_dc / hash_encode_gather / fold_first_layer against the
-    trainer's so3_exp @, sh_basis, HashGrid.forward and nn.Linear, in float64."""
-    from fmgs.export.modules import fold_first_layer, hash_encode_gather, rotate_local, sh_bands_without_dc
+    """rotate_local / rotate_tangents_planar / sh_bands_without_dc / hash_encode_gather /
+    fold_first_layer against the trainer's so3_exp @, sh_basis, HashGrid.forward and nn.Linear,
+    in float64 (rotate_tangents_planar also in float32, and at v = 0)."""
+    from fmgs.export.modules import (fold_first_layer, hash_encode_gather, rotate_local, rotate_tangents_planar,
+                                     sh_bands_without_dc)
     from fmgs.trainer.models.fields import sh_basis, so3_exp
     from fmgs.trainer.models.hashgrid import HashGrid, HashGridConfig
 
@@ -498,6 +500,13 @@ def test_elementwise_rewrites_equal_the_trainer_functions():
     v[:100] *= 1e-5                                          # small-angle series branch
     v[100:200] *= 3.0                                        # large angles
     np.testing.assert_allclose(rotate_local(R, v.T.contiguous()).numpy(), (R @ so3_exp(v)).numpy(), atol=1e-14)
+    v[200:210] = 0.0                                         # exactly no rotation
+    ref = (R @ so3_exp(v)).numpy()
+    for dt, tol in ((torch.float64, 1e-14), (torch.float32, 2e-6)):
+        tu, tv = rotate_tangents_planar(R.permute(1, 2, 0).to(dt), v.T.contiguous().to(dt))
+        assert tu.dtype == dt and torch.isfinite(tu).all() and torch.isfinite(tv).all()
+        np.testing.assert_allclose(tu.double().T.numpy(), ref[:, :, 0], atol=tol)
+        np.testing.assert_allclose(tv.double().T.numpy(), ref[:, :, 1], atol=tol)
     d = torch.nn.functional.normalize(torch.randn(300, 3, generator=g, dtype=torch.float64), dim=-1)
     for deg in (1, 2, 3):
         np.testing.assert_allclose(torch.stack(sh_bands_without_dc(d, deg), -1).numpy(),
