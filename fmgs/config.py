@@ -131,12 +131,16 @@ class FullSettings:
 
     Attributes:
         geometry_field: pose-dependent geometry residual, eq. 3-6.
-        geometry_width: width of the "lightweight" geometry MLP.
+        geometry_width: width of the "lightweight" geometry MLP (32; the paper gives no
+            width). Chosen on the validation splits against 64 (docs/benchmarks.md, sixth
+            round): -0.03 dB [-0.10, +0.08] on female-3-casual, +0.36 dB on male-3-casual,
+            +0.02 dB [-0.03, +0.09] on 377 (no loss on any subject); the full avatar's
+            inference -25 to -40% and playback 33 vs 25 FPS at 512^2 (2-core CPU).
         geometry_hidden: hidden layers of the geometry MLP (2; the paper only says
-            "lightweight", and its colour MLP has one). 1 plays the full avatar ~14% faster
-            (32-33 vs 28-30 FPS at 512^2, 2-core CPU) at -0.02 / -0.20 dB on the two
-            PeopleSnapshot validation splits (not significant) and -0.19 dB on 377's (significant;
-            docs/benchmarks.md, fifth round).
+            "lightweight", and its colour MLP has one). At width 64, 1 played the full avatar
+            ~14% faster (32-33 vs 28-30 FPS at 512^2, 2-core CPU) at -0.02 / -0.20 dB on the
+            two PeopleSnapshot validation splits (not significant) and -0.19 dB on 377's
+            (significant; docs/benchmarks.md, fifth round).
         appearance_hidden: hidden layers (width 64) of the colour MLP (eq. 7: one).
         skinning_field: neural skinning, eq. 9 (off: SMPL weights).
         skinning_query: ``canonical`` (W at mu, precomputed lookup, exact bake) or
@@ -161,7 +165,7 @@ class FullSettings:
     """
 
     geometry_field: bool = True
-    geometry_width: int = 64
+    geometry_width: int = 32
     geometry_hidden: int = 2
     appearance_hidden: int = 1
     skinning_field: bool = True

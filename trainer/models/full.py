@@ -91,11 +91,12 @@ class FullModelConfig:
             :meth:`FMGSAvatar.canonical_features`). False = three ``HashGrid.forward``.
         pose_dim: size of the pose code ``Z_p`` (16).
         geometry_latent_dim: size of ``z_g`` (16).
-        geometry_width, geometry_hidden: geometry MLP (64 wide, 2 hidden layers;
+        geometry_width, geometry_hidden: geometry MLP (32 wide, 2 hidden layers;
             zero-initialised output = identity correction). The paper only says
-            "lightweight"; 64 is the width of its colour MLP, and it runs on all 55k
-            surfels every frame in training and at playback (128 wide costs ~2.3x:
-            0.10 vs 0.043 s forward+backward at 55k surfels on 2 CPU cores).
+            "lightweight"; it runs on all 55k surfels every frame in training and at
+            playback (128 wide costs ~2.3x of 64: 0.10 vs 0.043 s forward+backward at 55k
+            surfels on 2 CPU cores). 32 against 64 on three validation splits: no loss,
+            inference -25 to -40% (``FullSettings``, docs/benchmarks.md, sixth round).
         appearance_width, appearance_hidden: colour MLP (one 64-wide hidden layer).
         sh_degree: degree of the SH encoding ``gamma`` of the canonical view direction (3;
             -1 = no view dependence).
