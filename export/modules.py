@@ -14,10 +14,10 @@ Two exact rewrites make the per-frame graphs cheap in ONNX Runtime (CPU, 55k sur
   code; a small product for ``z_g`` and the view encoding). The input keeps its name
   (``geometry_features`` / ``appearance_features``), only its width becomes the hidden width.
 * **elementwise small algebra**: the rotation residual ``R exp([r]_x)`` without batched 3x3
-  MatMuls (:func:`rotate_local`; planar graphs: :func:`rotate_tangents_planar`), ``normalize`` without ``Expand``, the constant SH band in the
-  bias (:func:`sh_bands_without_dc`), the hash encoding of the live skinning field as one
-  Gather (:func:`hash_encode_gather`; ``embedding_bag`` exports as a Loop that is quadratic in
-  ``S``).
+  MatMuls (:func:`rotate_local`; planar graphs: :func:`rotate_tangents_planar`), ``normalize``
+  without ``Expand``, the constant SH band in the bias (:func:`sh_bands_without_dc`), the hash
+  encoding of the live skinning field as one Gather (:func:`hash_encode_gather`;
+  ``embedding_bag`` exports as a Loop that is quadratic in ``S``).
 
 Full model (:class:`fmgs.trainer.models.full.FMGSAvatar`):
 
@@ -432,11 +432,14 @@ def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
         t_v = c R_1 + b y (R v) + a (x R_2 - z R_0)
 
     as whole ``(3, S)`` products (about half the graph nodes of the entry-by-entry form of
-    :func:`rotate_local`). ``t = sqrt(t^2 + 1e-30)`` keeps ``v = 0`` finite without the
-    trainer's small-angle branch (:func:`~fmgs.trainer.models.fields.so3_exp`): ``sin`` of a
-    tiny argument is the argument in float32, so ``a -> 1`` and ``b -> 1/2`` there, and the
-    half-angle form of ``b`` has no ``1 - cos`` cancellation. Same values as the trainer's map
-    to float32 rounding (the export's parity check compares them).
+    :func:`rotate_local`). No small-angle series is needed (the trainer's
+    :func:`~fmgs.trainer.models.fields.so3_exp` has one): ``sin`` of a tiny argument is the
+    argument in float32, so ``a -> 1`` and ``b -> 1/2``, and the half-angle form of ``b`` has no
+    ``1 - cos`` cancellation. At ``t = 0`` the divisor is 1 instead of ``t`` (a ``Where`` on
+    ``t^2 > 0``), giving ``a = b = 0``: every ``a``/``b`` term is multiplied by a component of
+    ``v``, so the result is exactly ``R`` there. A tiny additive constant instead would round to
+    0 in an fp16 TensorRT engine and give 0/0 = NaN wherever ``v * v`` underflows. Same values
+    as the trainer's map to float32 rounding (the export's parity check compares them).
 
     Args:
         R: ``(3, 3, S)`` frames, ``R[i, j, s] = R_s[i, j]`` (columns ``[t_u, t_v, n]``).
@@ -447,9 +450,10 @@ def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     """
     x, y, z = v[0:1], v[1:2], v[2:3]
     t2 = (v * v).sum(0, keepdim=True)
-    t = torch.sqrt(t2 + 1e-30)
-    a = torch.sin(t) / t
-    h = torch.sin(0.5 * t) / t
+    t = torch.sqrt(t2)
+    ts = torch.where(t2 > 0, t, torch.ones_like(t))                 # divisor; t = 0: a = b = 0
+    a = torch.sin(t) / ts
+    h = torch.sin(0.5 * t) / ts
     b = 2.0 * h * h
     c = 1.0 - b * t2
     R0, R1, R2 = R[:, 0], R[:, 1], R[:, 2]

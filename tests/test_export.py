@@ -507,6 +507,12 @@ def test_elementwise_rewrites_equal_the_trainer_functions():
         assert tu.dtype == dt and torch.isfinite(tu).all() and torch.isfinite(tv).all()
         np.testing.assert_allclose(tu.double().T.numpy(), ref[:, :, 0], atol=tol)
         np.testing.assert_allclose(tv.double().T.numpy(), ref[:, :, 1], atol=tol)
+    # half precision (an fp16 engine): at |v| <= 3e-5 (rows :100) v * v underflows to 0; finite,
+    # and within fp16 rounding (eps 1e-3) of the float64 reference everywhere
+    tu, tv = rotate_tangents_planar(R.permute(1, 2, 0).half(), v.T.contiguous().half())
+    assert torch.isfinite(tu).all() and torch.isfinite(tv).all()
+    np.testing.assert_allclose(tu.double().T.numpy(), ref[:, :, 0], atol=1e-2)
+    np.testing.assert_allclose(tv.double().T.numpy(), ref[:, :, 1], atol=1e-2)
     d = torch.nn.functional.normalize(torch.randn(300, 3, generator=g, dtype=torch.float64), dim=-1)
     for deg in (1, 2, 3):
         np.testing.assert_allclose(torch.stack(sh_bands_without_dc(d, deg), -1).numpy(),
