@@ -157,6 +157,12 @@ class FullSettings:
         pose_input_scale: divisor of ``R - I`` in the relative mode (> 0).
         pose_noise_std: training pose augmentation N(0, std^2) on the encoder's rotation entries ...
         pose_noise_p: ... applied with this probability per iteration (3DGS-Avatar).
+        skinning_pose_noise_deg: training pose augmentation on the *skinning* pose: i.i.d.
+            ``N(0, sigma^2)`` (degrees) on every axis-angle component of the training frame's
+            SMPL pose (all 24 joints) before its pose correction, every iteration, so the
+            surfels are posed (eq. 10-12) and encoded at a slightly wrong pose; 0 = off.
+            Meant to make the avatar tolerate the error of a held-out frame's monocular fit,
+            which the per-frame correction only removes on training frames.
         max_displacement: soft bound (m) of the field's normal displacement delta_d,
             ``d_max tanh(delta_d / d_max)``; 0 = unbounded (the paper's eq. 4; default: a 2 cm
             bound saturated on ~99 % of the surfels within 300 iterations, which zeroes the
@@ -178,6 +184,7 @@ class FullSettings:
     pose_input_scale: float = 0.1
     pose_noise_std: float = 0.1
     pose_noise_p: float = 0.5
+    skinning_pose_noise_deg: float = 0.0
     max_displacement: float = 0.0
     static_offsets: bool = True
 
@@ -488,6 +495,7 @@ ADDED_KEYS = {
     "model.full.pose_input": "rotation",          # raw rotation entries into the pose encoder
     "model.full.pose_input_scale": 0.1,
     "model.full.pose_correction_every": 1,        # one correction per training frame
+    "model.full.skinning_pose_noise_deg": 0.0,    # no noise on the skinning pose
     "loss.lambda_scale_growth": 0.0,              # no scale-growth penalty
 }
 
@@ -530,6 +538,7 @@ RANGES = {
     "model.full.pose_noise_std": (0.0, None, True, True),
     "model.full.pose_correction_every": (1, None, True, True),
     "model.full.pose_noise_p": (0.0, 1.0, True, True),
+    "model.full.skinning_pose_noise_deg": (0.0, 30.0, True, True),
     "model.full.max_displacement": (0.0, None, True, True),
     "model.offsets.lr": (0.0, None, True, True),
     "model.offsets.lambda_laplacian": (0.0, None, True, True),

@@ -449,3 +449,39 @@ def test_knotted_pose_correction_from_the_run_config(real, zju377, smpl_path):
     from scipy.spatial.transform import Rotation
 
     np.testing.assert_allclose(rot[5].detach().numpy(), Rotation.from_rotvec(expect).as_matrix(), atol=1e-6)
+
+
+def test_skinning_pose_noise_poses_a_training_frame_at_its_noised_pose(real):
+    """``skinning_pose_noise_deg``: in training, :meth:`FMGSAvatar.pose` poses the frame at
+    ``theta + N(0, sigma^2) + delta`` (the draw reproduced from the seed, posed independently
+    through :func:`pose_frame`); held-out posing and ``sigma = 0`` stay at the fitted pose."""
+    import dataclasses
+
+    cfg, seq, setup = real
+    base = FullModelConfig(use_skinning_field=False, num_frames=2, pose_noise_std=0.0)
+    torch.manual_seed(0)
+    noisy = FMGSAvatar(setup.surfels, dataclasses.replace(base, skinning_pose_noise_deg=2.0))
+    clean = FMGSAvatar(setup.surfels, base)
+    clean.load_state_dict(noisy.state_dict())
+    with torch.no_grad():
+        noisy.pose_correction.delta[1, 4] = torch.tensor([0.0, 0.1, 0.0])
+        clean.pose_correction.delta.copy_(noisy.pose_correction.delta)
+    fr = seq[1]
+    J, c = _frame_inputs(setup, fr, noisy)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = noisy.pose(fr, setup, frame_id=1, training=True, semantic=False)
+        torch.manual_seed(7)
+        draw = torch.randn(72, dtype=torch.float64) * np.deg2rad(2.0)
+        theta = torch.as_tensor(np.asarray(fr.poses, np.float64)) + draw
+        rot, B = pose_frame(theta, 1, noisy.pose_correction, setup.rest_joints, setup.canonical_G,
+                            fr.world_from_body)
+        ref = noisy(rot, B, c, J, training=False, semantic=False)
+        held = noisy.pose(fr, setup, frame_id=1, training=False, semantic=False)
+        off = clean.pose(fr, setup, frame_id=1, training=True, semantic=False)
+    torch.testing.assert_close(a.means, ref.means, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.rotations, ref.rotations, atol=1e-6, rtol=0)
+    torch.testing.assert_close(off.means, held.means, atol=0, rtol=0)
+    # a 2-degree draw moves the surfels by millimetres to centimetres, not nothing
+    moved = (a.means - held.means).norm(dim=-1)
+    assert 1e-3 < float(moved.mean()) < 0.1

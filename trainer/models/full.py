@@ -128,6 +128,9 @@ class FullModelConfig:
             ``(R - I) / pose_input_scale``, ``"rotation"`` = raw entries).
         pose_noise_std, pose_noise_p: training-time pose augmentation
             (:func:`add_pose_noise`: N(0, 0.1^2) on the rotation entries, half of the time).
+        skinning_pose_noise_deg: training-time noise on the skinning pose itself (degrees,
+            i.i.d. per axis-angle component of all 24 joints, every training iteration, before
+            the frame's pose correction; :meth:`FMGSAvatar.pose`); 0 = off.
         init_opacity: initial surfel opacity (0.9, as the foundation).
         max_displacement: soft bound (metres) of the field's normal displacement,
             ``delta_d -> d_max tanh(delta_d / d_max)`` (0 = unbounded, the paper's eq. 4, and the
@@ -178,6 +181,7 @@ class FullModelConfig:
     pose_input_scale: float = FullSettings.pose_input_scale
     pose_noise_std: float = FullSettings.pose_noise_std
     pose_noise_p: float = FullSettings.pose_noise_p
+    skinning_pose_noise_deg: float = FullSettings.skinning_pose_noise_deg
     init_opacity: float = 0.9
     static_offsets: bool = FullSettings.static_offsets
     max_displacement: float = FullSettings.max_displacement
@@ -212,6 +216,7 @@ class FullModelConfig:
             static_offsets=bool(f.static_offsets), max_displacement=float(f.max_displacement),
             pose_input=str(f.pose_input), pose_input_scale=float(f.pose_input_scale),
             pose_noise_std=float(f.pose_noise_std), pose_noise_p=float(f.pose_noise_p),
+            skinning_pose_noise_deg=float(f.skinning_pose_noise_deg),
             init_opacity=float(cfg.surfels.init_opacity),
             free_offsets=bool(m.offsets.enabled), offset_lr=float(m.offsets.lr))
 
@@ -666,9 +671,16 @@ class FMGSAvatar(AvatarModel):
              semantic: bool = True) -> FullPosed:
         """Pose for ``frame``: its SMPL pose plus the learnt correction of training frame
         ``frame_id`` (none for held-out frames, ``frame_id=None``) through :func:`pose_frame`,
-        then :meth:`forward` (pose noise when ``training``)."""
+        then :meth:`forward` (pose noise when ``training``: ``model.full.skinning_pose_noise_deg``
+        on the pose before the correction, and the encoder's :func:`add_pose_noise`)."""
         pc = self.pose_correction if frame_id is not None else None
-        rot, B = pose_frame(frame.poses, frame_id if pc is not None else None, pc, setup.rest_joints,
+        poses = frame.poses
+        sigma = float(self.cfg.skinning_pose_noise_deg)
+        if training and sigma > 0:
+            # theta + N(0, sigma^2) per axis-angle component (global RNG: seeded by train.seed)
+            poses = torch.as_tensor(np.asarray(poses, np.float64)).reshape(-1)
+            poses = poses + torch.randn(poses.shape, dtype=poses.dtype) * np.deg2rad(sigma)
+        rot, B = pose_frame(poses, frame_id if pc is not None else None, pc, setup.rest_joints,
                             setup.canonical_G, frame.world_from_body)
         return self(rot, B, torch.as_tensor(frame.camera.center, dtype=torch.float32),
                     torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32), training=training,
