@@ -14,7 +14,8 @@ Two exact rewrites make the per-frame graphs cheap in ONNX Runtime (CPU, 55k sur
   code; a small product for ``z_g`` and the view encoding). The input keeps its name
   (``geometry_features`` / ``appearance_features``), only its width becomes the hidden width.
 * **elementwise small algebra**: the rotation residual ``R exp([r]_x)`` without batched 3x3
-  MatMuls (:func:`rotate_local`; planar graphs: :func:`rotate_tangents_planar`), ``normalize``
+  MatMuls, as whole-vector products (:func:`rotated_columns`: all three columns for the
+  row-major graphs, :func:`rotate_local`; two for the planar ones), ``normalize``
   without ``Expand``, the constant SH band in the bias (:func:`sh_bands_without_dc`), the hash
   encoding of the live skinning field as one Gather (:func:`hash_encode_gather`;
   ``embedding_bag`` exports as a Loop that is quadratic in ``S``).
@@ -88,36 +89,10 @@ def fold_first_layer(features: torch.Tensor, linear: nn.Linear, cols: slice) -> 
     return (features.detach().double() @ W.T).float()
 
 
-def _so3_exp_entries(v: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Entries ``E[k][j]`` ``(S,)`` of :func:`~fmgs.trainer.models.fields.so3_exp` (Rodrigues, eq. 6) of
-    the planar rotation vectors ``v`` ``(3, S)``.
-
-    ``exp([v]_x) = I + a K + b K^2`` with ``K^2 = v v^T - |v|^2 I``: every entry is an
-    elementwise expression of ``v``; the small-angle series of the trainer (below
-    ``|v|^2 = 1e-6``) is kept.
-    """
-    x, y, z = v[0], v[1], v[2]
-    t2 = x * x + y * y + z * z
-    small = t2 < 1e-6
-    t2s = torch.where(small, torch.ones_like(t2), t2)
-    ts = torch.sqrt(t2s)
-    a = torch.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, torch.sin(ts) / ts)
-    b = torch.where(small, 0.5 - t2 / 24.0 + t2 * t2 / 720.0, (1.0 - torch.cos(ts)) / t2s)
-    c = 1.0 - b * t2                                   # diagonal: 1 + b (v_i^2 - |v|^2)
-    bx, by, bz = b * x, b * y, b * z
-    ax, ay, az = a * x, a * y, a * z
-    return [[c + bx * x, bx * y - az, bx * z + ay],
-            [bx * y + az, c + by * y, by * z - ax],
-            [bx * z - ay, by * z + ax, c + bz * z]]
-
-
 def rotate_local(R: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
-    """``R @ so3_exp(v)`` (eq. 6: the residual rotates each surfel in its own frame), elementwise.
-
-    Entry ``(i, j)`` of the product is ``sum_k R[:, i, k] E[k][j]``, computed on contiguous
-    ``(S,)`` rows of ``R`` transposed to ``(3, 3, S)``: 27 multiply-adds of ``S`` floats.
-    ONNX Runtime runs the alternatives several times slower on 55k surfels (a batched
-    ``(S,3,3) @ (S,3,3)`` MatMul ~6 ms each, broadcast + ReduceSum over the middle axis ~12 ms).
+    """``R @ so3_exp(v)`` (eq. 6: the residual rotates each surfel in its own frame) for the
+    row-major graphs: :func:`rotated_columns` (the vector form of the planar graphs, all three
+    columns) on ``R`` transposed to ``(3, 3, S)``, stacked back to rows.
 
     Args:
         R: ``(S, 3, 3)`` frames (columns ``[t_u, t_v, n]``).
@@ -126,10 +101,8 @@ def rotate_local(R: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(S, 3, 3)``.
     """
-    E = _so3_exp_entries(v_rows)
-    Rt = R.permute(1, 2, 0)                                                       # (3, 3, S)
-    ent = [Rt[i, 0] * E[0][j] + Rt[i, 1] * E[1][j] + Rt[i, 2] * E[2][j] for i in range(3) for j in range(3)]
-    return torch.stack(ent, 0).T.reshape(-1, 3, 3)
+    cols = rotated_columns(R.permute(1, 2, 0), v_rows, 3)                         # 3 x (3, S)
+    return torch.stack(cols, 1).permute(2, 0, 1)
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:
@@ -421,8 +394,8 @@ class PlanarGeometryModule(GeometryModule):
         return mu, tu, tv, sc, out[6:]
 
 
-def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns 0 and 1 (``t_u``, ``t_v``) of ``R exp([v]_x)`` (eq. 6) on planar tensors.
+def rotated_columns(R: torch.Tensor, v: torch.Tensor, n: int = 2) -> list[torch.Tensor]:
+    """The first ``n`` columns of ``R exp([v]_x)`` (eq. 6) on planar tensors.
 
     Rodrigues' formula applied to the basis vectors, ``exp([v]_x) e = c e + b (v.e) v + a (v x e)``
     with ``t = |v|``, ``a = sin t / t``, ``b = (1 - cos t) / t^2 = 2 (sin(t/2) / t)^2`` and
@@ -430,23 +403,25 @@ def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
         t_u = c R_0 + b x (R v) + a (z R_1 - y R_2)
         t_v = c R_1 + b y (R v) + a (x R_2 - z R_0)
+        n   = c R_2 + b z (R v) + a (y R_0 - x R_1)
 
-    as whole ``(3, S)`` products (about half the graph nodes of the entry-by-entry form of
-    :func:`rotate_local`). No small-angle series is needed (the trainer's
-    :func:`~fmgs.trainer.models.fields.so3_exp` has one): ``sin`` of a tiny argument is the
-    argument in float32, so ``a -> 1`` and ``b -> 1/2``, and the half-angle form of ``b`` has no
-    ``1 - cos`` cancellation. At ``t = 0`` the divisor is 1 instead of ``t`` (a ``Where`` on
-    ``t^2 > 0``), giving ``a = b = 0``: every ``a``/``b`` term is multiplied by a component of
-    ``v``, so the result is exactly ``R`` there. A tiny additive constant instead would round to
-    0 in an fp16 TensorRT engine and give 0/0 = NaN wherever ``v * v`` underflows. Same values
-    as the trainer's map to float32 rounding (the export's parity check compares them).
+    as whole ``(3, S)`` products (about half the graph nodes of an entry-by-entry form). No
+    small-angle series is needed (the trainer's :func:`~fmgs.trainer.models.fields.so3_exp` has
+    one): ``sin`` of a tiny argument is the argument in float32, so ``a -> 1`` and ``b -> 1/2``,
+    and the half-angle form of ``b`` has no ``1 - cos`` cancellation. At ``t = 0`` the divisor is
+    1 instead of ``t`` (a ``Where`` on ``t^2 > 0``), giving ``a = b = 0``: every ``a``/``b`` term
+    is multiplied by a component of ``v``, so the result is exactly ``R`` there. A tiny additive
+    constant instead would round to 0 in an fp16 TensorRT engine and give 0/0 = NaN wherever
+    ``v * v`` underflows. Same values as the trainer's map to float32 rounding (the export's
+    parity check compares them).
 
     Args:
         R: ``(3, 3, S)`` frames, ``R[i, j, s] = R_s[i, j]`` (columns ``[t_u, t_v, n]``).
         v: ``(3, S)`` rotation vectors (radians).
+        n: how many columns (1 to 3; the planar geometry graph needs ``t_u, t_v`` only).
 
     Returns:
-        ``(t_u, t_v)``, each ``(3, S)``.
+        ``n`` tensors ``(3, S)``: ``t_u``, ``t_v`` [, ``n``].
     """
     x, y, z = v[0:1], v[1:2], v[2:3]
     t2 = (v * v).sum(0, keepdim=True)
@@ -458,9 +433,17 @@ def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     c = 1.0 - b * t2
     R0, R1, R2 = R[:, 0], R[:, 1], R[:, 2]
     Rv = R0 * x + R1 * y + R2 * z
-    az = a * z
-    tu = c * R0 + (b * x) * Rv + az * R1 - (a * y) * R2
-    tv = c * R1 + (b * y) * Rv + (a * x) * R2 - az * R0
+    ax, ay, az = a * x, a * y, a * z
+    cols = [c * R0 + (b * x) * Rv + az * R1 - ay * R2,
+            c * R1 + (b * y) * Rv + ax * R2 - az * R0,
+            c * R2 + (b * z) * Rv + ay * R0 - ax * R1]
+    return cols[:n]
+
+
+def rotate_tangents_planar(R: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t_u, t_v)``, each ``(3, S)``: columns 0 and 1 of ``R exp([v]_x)`` (eq. 6) for the
+    planar geometry graph (:func:`rotated_columns`; ``R (3, 3, S)``, ``v (3, S)`` radians)."""
+    tu, tv = rotated_columns(R, v, 2)
     return tu, tv
 
 

@@ -497,12 +497,14 @@ def test_elementwise_rewrites_equal_the_trainer_functions():
     g = torch.Generator().manual_seed(0)
     R = torch.linalg.qr(torch.randn(500, 3, 3, generator=g, dtype=torch.float64))[0]
     v = torch.randn(500, 3, generator=g, dtype=torch.float64)
-    v[:100] *= 1e-5                                          # small-angle series branch
+    v[:100] *= 1e-5                                          # the trainer's small-angle series branch
     v[100:200] *= 3.0                                        # large angles
-    np.testing.assert_allclose(rotate_local(R, v.T.contiguous()).numpy(), (R @ so3_exp(v)).numpy(), atol=1e-14)
     v[200:210] = 0.0                                         # exactly no rotation
     ref = (R @ so3_exp(v)).numpy()
     for dt, tol in ((torch.float64, 1e-14), (torch.float32, 2e-6)):
+        rl = rotate_local(R.to(dt), v.T.contiguous().to(dt))   # row-major graphs: all three columns
+        assert rl.shape == (500, 3, 3) and rl.dtype == dt and torch.isfinite(rl).all()
+        np.testing.assert_allclose(rl.double().numpy(), ref, atol=tol)
         tu, tv = rotate_tangents_planar(R.permute(1, 2, 0).to(dt), v.T.contiguous().to(dt))
         assert tu.dtype == dt and torch.isfinite(tu).all() and torch.isfinite(tv).all()
         np.testing.assert_allclose(tu.double().T.numpy(), ref[:, :, 0], atol=tol)
