@@ -163,8 +163,9 @@ class FullSettings:
             surfels are posed (eq. 10-12) and encoded at a slightly wrong pose; 0 = off.
             Meant to make the avatar tolerate the error of a held-out frame's monocular fit,
             which the per-frame correction only removes on training frames; measured, it does
-            not: 1 degree cost 0.9 / 1.4 dB on the female / male PeopleSnapshot validation
-            splits and 2 degrees 3.4-4.7 dB (docs/benchmarks.md, seventh round), so it stays off.
+            not: 0.5 / 1 / 2 degrees cost 0.3 / 0.9 / 4.7 dB (female-3-casual) and 0.7 / 1.4 /
+            3.4 dB (male-3-casual) on the validation splits (docs/benchmarks.md, seventh
+            round), so it stays off.
         max_displacement: soft bound (m) of the field's normal displacement delta_d,
             ``d_max tanh(delta_d / d_max)``; 0 = unbounded (the paper's eq. 4; default: a 2 cm
             bound saturated on ~99 % of the surfels within 300 iterations, which zeroes the
