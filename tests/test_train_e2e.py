@@ -134,6 +134,19 @@ def test_interrupt_and_resume_match_uninterrupted(tmp_path, zju377, data_root):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"parameter {k} differs after resume")
 
 
+def test_no_eval_is_kept_for_a_resumed_run(tmp_path, zju377, data_root):
+    """``--no-eval`` is recorded in the run's config: a later ``--resume`` does not evaluate."""
+    from fmgs.config import load_run_config
+
+    run = tmp_path / "run"
+    r = _cli(["--out", str(run), "--no-eval", *TINY, "train.iterations=2"], data_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_run_config(run).train.eval_at_end is False
+    r = _cli(["--resume", str(run)], data_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (run / "eval").exists() and not (run / "eval_val").exists()
+
+
 def test_existing_run_folder_is_not_overwritten(tiny_run, data_root):
     before = (tiny_run / "checkpoints" / "last.pt").read_bytes()
     r = _cli(["--out", str(tiny_run), *TINY, "train.iterations=1"], data_root)

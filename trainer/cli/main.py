@@ -21,7 +21,9 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
     ap.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                     help="continue an interrupted run from its last checkpoint")
-    ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="skip the held-out evaluation at the end (sets train.eval_at_end=false in the "
+                         "run's config, so a --resume of the run skips it too)")
     ap.add_argument("--init", choices=["none", "aggregate"], default=None,
                     help="initialisation before training (sets init.kind): aggregate = fuse all training "
                          "frames onto the surfels and warm-start the appearance field")
@@ -63,6 +65,8 @@ def train_main(argv: list[str] | None = None) -> int:
             train(cfg, run_dir, resume=True)
         else:
             cfg = load_config(args.config, args.overrides)
+            if args.no_eval:  # recorded in the run's config.yaml, so that --resume honours it too
+                cfg.train.eval_at_end = False
             name = Path(args.config).stem if args.config else "demo"
             run_dir = args.out or Path("runs") / name
             if checkpoint_path(run_dir).exists():
