@@ -53,7 +53,7 @@ def _frame_rotations(model, setup, seq, idx):
     rots = []
     for i in idx:
         name = seq.names[int(i)]
-        info = seq._info[name]                 # poses only: no image is decoded
+        info = seq.smpl_params(name)           # poses only: no image is decoded
         rot, _ = pose_frame(info["poses"], int(i), model.pose_correction, setup.rest_joints,
                             setup.canonical_G, np.eye(4))
         rots.append(rot)
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     report["input"] = input_stats(model, rots, noise_std)
     report["code"], Z = code_stats(model, rots, joints, noise_std, args.noise_draws, gen)
     if model.geometry_field is not None:
-        report["residual"] = residual_stats(model, Z, np.asarray(setup.surfels.part_labels))
+        report["residual"] = residual_stats(model, Z, np.asarray(model.current_surfels.part_labels))
     if args.grad_steps > 0:
         report["gradients"] = gradient_stats(run, args.grad_steps)
     report["seconds"] = time.perf_counter() - t0
