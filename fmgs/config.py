@@ -148,9 +148,10 @@ class FullSettings:
         skinning_subset: canonical query: fraction of the surfels' weights recomputed per
             iteration, in (0, 1] (1 = all).
         semantic_field: semantic field, eq. 8.
-        pose_correction: learnable per-frame pose correction theta_p (on: off, as the paper
-            runs PeopleSnapshot, loses 0.5 dB on every validation frame of both PeopleSnapshot
-            subjects at mask-fitted held-out poses; docs/benchmarks.md, eighth round).
+        pose_correction: learnable per-frame pose correction theta_p (default on; turned off,
+            as the paper runs PeopleSnapshot, the avatar loses 0.5 dB on every validation frame
+            of both PeopleSnapshot subjects at mask-fitted held-out poses; docs/benchmarks.md,
+            eighth round).
         pose_correction_every: training frames between the correction's knots (piecewise
             linear in time; 1 = one correction per frame, the paper).
         pose_input: what the pose encoder reads of each joint rotation ``R``: ``relative`` =
