@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         print(f"correction_stats: {exc}", file=sys.stderr)
         return 2
     D = pc.delta.detach().double().numpy().reshape(len(train), -1)
-    P = np.stack([np.asarray(train._info[n]["poses"], np.float64).reshape(-1)[:72] for n in train.names])
+    P = np.stack([train.smpl_params(n)["poses"].astype(np.float64) for n in train.names])
     rep = {"run": str(a.run_dir), "frames": len(train),
            "mean_abs_deg": float(np.degrees(np.abs(D)).mean()),
            "abs_mean_deg": float(np.degrees(np.abs(D.mean(0))).mean()),

@@ -770,7 +770,7 @@ class BodyModelPriorProducer:
         """(6890, 3) float64 posed SMPL vertices of frame ``name`` in world coordinates (m)."""
         from fmgs.body_model import world_from_body
 
-        info = self.seq._info[name]
+        info = self.seq.smpl_params(name)
         v, _ = self.smpl.forward(self.betas, info["poses"])
         M = world_from_body(info["Rh"], info["Th"])
         return v @ M[:3, :3].T + M[:3, 3]

@@ -312,6 +312,19 @@ def test_error_bad_camera_entry(fake, edit, words):
     assert str(p) in msg and words in msg and "frame_000001" in msg
 
 
+def test_smpl_params_are_the_mesh_infos_entries_without_decoding_an_image(zju377, smpl_path):
+    s = HumanNeRFSequence(zju377, frames=[0, 8], smpl_path=smpl_path)
+    raw = load_pickle(zju377 / "mesh_infos.pkl")["frame_000008"]
+    p = s.smpl_params("frame_000008")
+    assert s._images is None                 # nothing decoded
+    for k in ("poses", "Rh", "Th", "joints"):
+        assert np.allclose(p[k], np.asarray(raw[k]).reshape(p[k].shape), atol=1e-6), k
+    p["poses"][:] = 9.0                      # a copy: the sequence is unchanged
+    assert np.array_equal(s[1].poses, np.asarray(raw["poses"], np.float32).reshape(72))
+    with pytest.raises(KeyError):
+        s.smpl_params("frame_999999")
+
+
 def test_validation_split_is_carved_from_the_end_of_the_training_range():
     """val_fraction 0.1 of [0, 455): frames 409-454 leave training, every 5th validates."""
     sc = SplitConfig.from_any({"val_fraction": 0.1})

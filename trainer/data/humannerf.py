@@ -538,6 +538,19 @@ class HumanNeRFSequence:
         name = self.names[i]
         return self._images[name], self._masks[name]
 
+    def smpl_params(self, name: str) -> dict[str, np.ndarray]:
+        """Frame ``name``'s SMPL parameters from ``mesh_infos.pkl``, without decoding its image.
+
+        Returns:
+            copies: ``poses`` (72,) float32 axis-angle (radians, root zeroed as in ZJU),
+            ``Rh`` (3,) float32 axis-angle and ``Th`` (3,) float32 metres (body -> world),
+            ``joints`` (24, 3) posed joints (world, metres).
+        Raises:
+            KeyError: ``name`` is not a frame of the sequence.
+        """
+        info = self._info[name]
+        return {k: info[k].copy() for k in ("poses", "Rh", "Th", "joints")}
+
     def __getitem__(self, i: int) -> Frame:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
