@@ -183,3 +183,69 @@ def test_silhouette_refinement_uses_only_the_mask(real):
     e1 = np.linalg.norm(joints(results[0]) - joints(fr), axis=1).mean()
     print(f"joint error mean {1e3 * e0:.1f} -> {1e3 * e1:.1f} mm")
     assert e1 < 0.4 * e0
+
+
+@pytest.mark.parametrize("kind", ["foundation", "full"])
+def test_frozen_caches_only_what_the_pose_cannot_change(real, zju377, smpl_path, kind):
+    """``AvatarModel.frozen()`` (what the refinement and the held-out renders run inside):
+    render, alpha and d(render)/d(pose) at a real frame's pose are bit-for-bit the uncached
+    forward's, at the first and at a cached second call; the grid features are gathered once
+    however often the avatar is posed; parameters frozen inside (a nested call keeps them
+    frozen), the earlier ``requires_grad`` flags restored on exit; and a parameter change after
+    exit is seen (the cache is dropped)."""
+    from fmgs.trainer.engine.run import build_model
+
+    cfg = real[0]
+    if kind == "full":
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, {"model": {"kind": "full"}})
+    seq, setup = real[1], real[2]
+    torch.manual_seed(0)
+    model = build_model(cfg, setup).eval()
+    # a non-trivial avatar: random grid tables (the initial ones are near zero)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "table" in name:
+                p.normal_(0.0, 0.5)
+    fr = seq[1]
+
+    def render_and_grad():
+        theta = torch.tensor(np.asarray(fr.poses, np.float32), requires_grad=True)
+        W = torch.tensor(np.asarray(fr.world_from_body, np.float32))
+        out = model.render(model.pose_at(fr, setup, theta, W), fr.camera, cfg)
+        (out.rgb.sum() + 3.0 * out.alpha.sum()).backward()
+        return out.rgb.detach().clone(), out.alpha.detach().clone(), theta.grad.clone()
+
+    first_param = next(model.parameters())
+    first_param.requires_grad_(False)           # a flag that was off stays off
+    flags = [p.requires_grad for p in model.parameters()]
+    ref = render_and_grad()
+    gathers = []
+    real_features = model.canonical_features
+    model.canonical_features = lambda *a, **k: gathers.append(1) or real_features(*a, **k)
+    try:
+        with model.frozen():
+            assert not any(p.requires_grad for p in model.parameters())
+            cached = [render_and_grad(), render_and_grad()]
+            with model.frozen():
+                cached.append(render_and_grad())
+            assert not any(p.requires_grad for p in model.parameters())   # still the outer one's
+    finally:
+        del model.canonical_features
+    assert len(gathers) == 1
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert ref[2].abs().max() > 0
+    for got in cached:
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+    with torch.no_grad():                       # change what was cached: it must be seen now
+        for name, p in model.named_parameters():
+            if "table" in name:
+                p.mul_(-1.0)
+    changed = render_and_grad()
+    assert not torch.equal(changed[0], ref[0])
+    with model.frozen():
+        again = render_and_grad()
+    for a, b in zip(changed, again):
+        assert torch.equal(a, b)

@@ -18,6 +18,7 @@ import dataclasses
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,13 +79,14 @@ def _refined_renders(model, setup, seq, cfg, indices, refine: RefineSettings, ma
     instead of ``seq``'s (the returned frame keeps ``seq``'s mask, the scoring one)."""
     from tqdm import tqdm
 
-    for i in tqdm(list(indices), desc="eval (refining poses)", unit="frame"):
-        fr = seq[int(i)]
-        fit = fr if mask_seq is None else dataclasses.replace(fr, mask=mask_seq[int(i)].mask)
-        ref, st = refine_frame_pose(model, setup, fit, cfg, refine)
-        ref = dataclasses.replace(ref, mask=fr.mask)
-        with torch.no_grad():
-            yield (ref, st), to_host(render_frame(model, setup, ref, cfg))
+    with model.frozen():     # pose-independent parts computed once for all the frames
+        for i in tqdm(list(indices), desc="eval (refining poses)", unit="frame"):
+            fr = seq[int(i)]
+            fit = fr if mask_seq is None else dataclasses.replace(fr, mask=mask_seq[int(i)].mask)
+            ref, st = refine_frame_pose(model, setup, fit, cfg, refine)
+            ref = dataclasses.replace(ref, mask=fr.mask)
+            with torch.no_grad():
+                yield (ref, st), to_host(render_frame(model, setup, ref, cfg))
 
 
 def _refine_mask_sequence(cfg, seq, split: str, root):
@@ -110,7 +112,8 @@ def _refine_mask_sequence(cfg, seq, split: str, root):
 
 def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None = None,
              video: bool = True, overrides: tuple[str, ...] = (), split: str = "test",
-             refine: RefineSettings | None = None, refine_masks_from: Path | None = None) -> dict:
+             refine: RefineSettings | None = None, refine_masks_from: Path | None = None,
+             ablation: tuple[str, Callable] | None = None) -> dict:
     """Render and score the test split of a trained run.
 
     Args:
@@ -130,6 +133,11 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         refine_masks_from: a sequence folder (the same frames) whose masks the refinement
             fits instead of the scored sequence's: score against one set of masks (e.g. a
             dataset's) while the poses are fitted to another (the own-video pipeline's).
+        ablation: ``(name, change)``: ``change(run)`` is called with the loaded run
+            (:class:`~fmgs.trainer.engine.run.LoadedRun`) before any frame is rendered and may
+            replace parts of ``run.model`` (an evaluation-time ablation,
+            ``benchmarks/component_ablation.py``); ``name`` is recorded as ``metrics.json``'s
+            ``ablation`` (None without one). Give it its own ``out_dir``.
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -147,6 +155,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
     if split not in ("test", "val", "train"):
         raise FmgsInputError(f"--split must be test, val or train, got {split!r}")
     run = load_run(run_dir, overrides, split=split)
+    if ablation is not None:
+        ablation[1](run)
     run_dir, cfg, seq, setup, model = run.run_dir, run.cfg, run.seq, run.setup, run.model
     refining = refine is not None and refine.iterations > 0
     suffix = "" if not refining else "_refined" if float(refine.photometric) > 0 else "_refined_silhouette"
@@ -231,6 +241,7 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             "mean_translation_mm": float(np.mean([r["translation_mm"] for r in refine_stats]))},
         # rendered part labels vs the priors' part labels (foreground pixels of the frames
         # that have priors); None without a semantic field or priors for the test frames
+        "ablation": None if ablation is None else str(ablation[0]),
         "semantic": None if confusion is None else {
             **semantic_scores(confusion), "frames": sum(1 for r in per_frame if "semantic_accuracy" in r),
             "labels": "priors parts (" + str(cfg.data.priors_dir or "<root>/priors") + ")"},

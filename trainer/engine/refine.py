@@ -89,11 +89,8 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
     mask = torch.from_numpy(np.ascontiguousarray(frame.mask)).to(dev)
     lam_ssim, lam_mask = float(cfg.train.lambda_ssim), float(cfg.train.lambda_mask)
     w_photo = float(settings.photometric)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses = []
-    try:
+    with model.frozen():     # the avatar's parameters frozen, its pose-independent parts computed once
         for _ in range(n):
             opt.zero_grad()
             W = W0.clone()
@@ -106,9 +103,6 @@ def refine_frame_pose(model, setup, frame, cfg, settings: RefineSettings):
             loss = loss + float(settings.reg) * ((d_theta ** 2).sum() + ((d_T / 0.1) ** 2).sum())
             loss.backward()
             opt.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     with torch.no_grad():
         poses = (theta0 + d_theta).cpu().numpy().astype(np.float32)
         T = (W0[:3, 3] + d_T).double().cpu().numpy()

@@ -186,8 +186,10 @@ def heldout_renders(model: AvatarModel, setup: AvatarSetup, seq: HumanNeRFSequen
                     indices: Sequence[int] | None = None, progress: bool = False
                     ) -> Iterator[tuple[Frame, RenderOutput]]:
     """The one held-out loop: ``(frame, render)`` for each frame of ``seq`` (or of
-    ``indices``), without gradients. The model renders on its own device; the renders
-    come back on the CPU (:func:`to_host`), so callers score them with NumPy.
+    ``indices``), without gradients, inside :meth:`AvatarModel.frozen` (its pose-independent
+    parts computed once for all the frames; consume the iterator before changing the model).
+    The model renders on its own device; the renders come back on the CPU (:func:`to_host`),
+    so callers score them with NumPy.
 
     Args:
         progress: show a tqdm bar.
@@ -195,7 +197,7 @@ def heldout_renders(model: AvatarModel, setup: AvatarSetup, seq: HumanNeRFSequen
     from tqdm import tqdm
 
     idx = range(len(seq)) if indices is None else [int(i) for i in indices]
-    with torch.no_grad():
+    with torch.no_grad(), model.frozen():      # pose-independent parts computed once for all frames
         for i in tqdm(idx, desc="eval", unit="frame", disable=None if progress else True):
             fr = seq[i]
             yield fr, to_host(render_frame(model, setup, fr, cfg))

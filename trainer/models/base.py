@@ -9,6 +9,7 @@ baking and ONNX code through :attr:`AvatarModel.kind` in one table
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -146,6 +147,45 @@ class AvatarModel(nn.Module):
             if isinstance(value, HashLookup):
                 setattr(self, name, value.apply(fn))
         return out
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Context manager for work that poses a trained avatar many times without changing it
+        (test-time pose refinement, held-out rendering).
+
+        Inside it every parameter that required a gradient is frozen (``requires_grad=False``;
+        gradients still reach the pose, which is not a parameter), and the pose-independent
+        quantities a subclass routes through :meth:`_pose_independent` (hash-grid features at
+        the fixed canonical centres, canonical-query skinning weights) are computed on the first
+        forward and reused until the outermost ``frozen()`` exits. Both depend on the parameters
+        only, so the outputs are bit-for-bit those of the uncached forward (tests/test_refine.py).
+        On exit the frozen parameters require gradients again and the cache is dropped, so a
+        later parameter change is always seen. Nested calls share the outer one's cache.
+        Do not change the parameters inside it (they are frozen for that reason).
+        """
+        if self.__dict__.get("_frozen_cache") is not None:      # nested: the outer one owns it
+            yield self
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        self.__dict__["_frozen_cache"] = {}
+        try:
+            yield self
+        finally:
+            self.__dict__["_frozen_cache"] = None
+            for p in params:
+                p.requires_grad_(True)
+
+    def _pose_independent(self, key, compute):
+        """``compute()``, or inside :meth:`frozen` its value cached under ``key`` (a value that
+        depends on the parameters only, never on the pose, the camera or a random draw)."""
+        cache = self.__dict__.get("_frozen_cache")
+        if cache is None:
+            return compute()
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
 
     @classmethod
     def from_config(cls, cfg, setup: AvatarSetup, num_frames: int = 0) -> "AvatarModel":

@@ -195,11 +195,11 @@ class SurfelAvatar(AvatarModel):
             :class:`PosedSurfels` in world space.
         """
         frames = self.frames
-        mu = self.static_centers()                                                     # eq. 4 (static)
+        mu = self._pose_independent("static_centers", self.static_centers)             # eq. 4 (static)
         posed = blend_lbs(self.skin_weights, bone_transforms, mu, frames)              # eq. 10-12
         means, rotations, M = posed.means, posed.rotations, posed.transforms[:, :3, :3]
 
-        feats = self.canonical_features()
+        feats = self._pose_independent("features", self.canonical_features)
         if self.view_dependent:
             d = torch.nn.functional.normalize(means.detach() - camera_center[None], dim=-1)
             # Canonicalise with the inverse skinning rotation (M^T approximates M^-1 for blended rotations).

@@ -637,11 +637,12 @@ class FMGSAvatar(AvatarModel):
         z_p = self.pose_encoder(rot_in, joints)                                           # (1, 16)
 
         use_sem = self.semantic_field is not None and semantic
-        feats = self.canonical_features(semantic=use_sem)
+        # pose-independent: computed once inside ``frozen()`` (AvatarModel._pose_independent)
+        feats = self._pose_independent(("features", use_sem), lambda: self.canonical_features(semantic=use_sem))
         f_g, f_c = feats[0], feats[1]
         f_s = feats[2] if use_sem else None
 
-        mu_b, R_b, s_b = self.base_surfels()
+        mu_b, R_b, s_b = self._pose_independent("base_surfels", self.base_surfels)
         if self.geometry_field is not None:
             res = self.geometry_residual(f_g, z_p)                                         # eq. 3
             corr = apply_geometry_residual(mu_b, R_b, s_b, None, res)                      # eq. 4-6
@@ -651,7 +652,10 @@ class FMGSAvatar(AvatarModel):
             mu_c, R_c, s_c = mu_b, R_b, s_b
             z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
 
-        W = self.skinning_weights(mu_c, training=training, generator=generator)          # eq. 9
+        if not training and (self.skinning_field is None or cfg.skinning_query == "canonical"):
+            W = self._pose_independent("skinning", self.skinning_weights)             # eq. 9, F_w(mu)
+        else:
+            W = self.skinning_weights(mu_c, training=training, generator=generator)      # eq. 9
         lbs = blend_lbs(W, bone_transforms, mu_c, R_c)                              # eq. 10-12
 
         d_hat = None
