@@ -32,9 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_spec = importlib.util.spec_from_file_location("paired_eval", Path(__file__).with_name("paired_eval.py"))
-paired_eval = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paired_eval)
+
+
+def _beside(name: str):
+    """The benchmark script ``name.py`` next to this one, as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+paired_eval = _beside("paired_eval")        # block bootstrap of per-frame differences
+pose_dependence = _beside("pose_dependence")  # training frames' corrected rotations
 
 
 class ConstantPoseCode(torch.nn.Module):
@@ -60,20 +69,13 @@ def mean_training_pose_code(train_run) -> torch.Tensor:
         ``theta_i + delta_i`` (fitted pose plus the learnt correction of frame ``i``, the
         frame's index in the training split as in training), without the training-time noise.
     """
-    from fmgs.trainer.models.full import canonical_pose_joints, normalize_canonical_joints, pose_frame
+    from fmgs.trainer.models.full import canonical_pose_joints, normalize_canonical_joints
 
     model, seq, setup = train_run.model, train_run.seq, train_run.setup
-    pc = model.pose_correction
     joints = normalize_canonical_joints(torch.as_tensor(canonical_pose_joints(setup.surfels), dtype=torch.float32))
-    codes = []
     with torch.no_grad():
-        for i, name in enumerate(seq.names):
-            p = seq.smpl_params(name)
-            W = np.eye(4)      # the encoder sees the local rotations only (root ignored)
-            rot, _ = pose_frame(p["poses"], i if pc is not None else None, pc, setup.rest_joints,
-                                setup.canonical_G, W)
-            codes.append(model.pose_encoder(rot.float(), joints.to(rot.device)))
-    return torch.cat(codes).mean(0, keepdim=True)
+        rots = pose_dependence._frame_rotations(model, setup, seq, range(len(seq)))   # poses only, no image
+        return model.pose_encoder(rots.float(), joints).mean(0, keepdim=True)
 
 
 def pose_code_mean(code: torch.Tensor):
