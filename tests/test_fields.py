@@ -365,6 +365,7 @@ def test_blend_lbs_matches_surfel_avatar_forward():
         opacity_logit=torch.zeros(n), offset=None,
     )
     stub.static_centers = types.MethodType(SurfelAvatar.static_centers, stub)
+    stub._pose_independent = types.MethodType(SurfelAvatar._pose_independent, stub)   # no cache: computed
     ref = SurfelAvatar.forward(stub, B, torch.zeros(3))
     out = blend_lbs(W, B, centers, rots)
     assert torch.allclose(out.means, ref.means, atol=1e-6)

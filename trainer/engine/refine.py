@@ -219,12 +219,13 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
     d_pose = np.zeros((len(knots), 72))
     d_T = np.zeros((len(knots), 3))
     stats = []
-    for j, i in enumerate(tqdm(knots, desc="refine training poses", unit="frame", disable=not progress)):
-        fr = seq[i]
-        ref, st = refine_frame_pose(run.model, run.setup, fr, run.cfg, settings)
-        d_pose[j] = np.asarray(ref.poses, np.float64) - np.asarray(fr.poses, np.float64)
-        d_T[j] = np.asarray(ref.Th, np.float64) - np.asarray(fr.Th, np.float64)
-        stats.append({"frame": fr.name, **{k: round(float(v), 6) for k, v in st.items()}})
+    with run.model.frozen():     # pose-independent parts computed once for all the frames
+        for j, i in enumerate(tqdm(knots, desc="refine training poses", unit="frame", disable=not progress)):
+            fr = seq[i]
+            ref, st = refine_frame_pose(run.model, run.setup, fr, run.cfg, settings)
+            d_pose[j] = np.asarray(ref.poses, np.float64) - np.asarray(fr.poses, np.float64)
+            d_T[j] = np.asarray(ref.Th, np.float64) - np.asarray(fr.Th, np.float64)
+            stats.append({"frame": fr.name, **{k: round(float(v), 6) for k, v in st.items()}})
     refine_s = time.perf_counter() - t0
 
     with open(seq.mesh_infos_path, "rb") as f:
