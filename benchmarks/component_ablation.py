@@ -29,7 +29,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -149,16 +148,12 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- |")
     print(f"| none | {runs['none']['psnr']:.2f} | | | |")
     for v in names:
-        rec = {}
+        rec = paired_eval.paired_differences(base, {r["frame"]: r for r in runs[v]["frames"]}, a.block, 10000)
         cells = []
         for key, _label in paired_eval.KEYS:
-            frames = [r for r in runs[v]["frames"] if r["frame"] in base and r[key] is not None]
-            d = np.array([r[key] - base[r["frame"]][key] for r in frames], np.float64)
-            lo, hi = paired_eval.block_bootstrap_interval(d, a.block, 10000)
-            rec[key] = {"mean_difference": float(d.mean()), "interval": [lo, hi],
-                        "wins": int((d > 0).sum()), "frames": int(d.size)}
             fmt = "{:+.2f}" if key == "psnr" else "{:+.4f}"
-            cells.append(f"{fmt.format(d.mean())} [{fmt.format(lo)}, {fmt.format(hi)}]")
+            lo, hi = rec[key]["interval"]
+            cells.append(f"{fmt.format(rec[key]['mean_difference'])} [{fmt.format(lo)}, {fmt.format(hi)}]")
         summary["variants"][v] = {"psnr": runs[v]["psnr"], **rec}
         print(f"| {v} | {runs[v]['psnr']:.2f} | " + " | ".join(cells) + " |")
     if a.json:

@@ -57,6 +57,29 @@ def block_bootstrap_interval(d: np.ndarray, block: int, resamples: int, seed: in
     return float(lo), float(hi)
 
 
+def paired_differences(A: dict[str, dict], B: dict[str, dict], block: int, resamples: int) -> dict[str, dict]:
+    """``B - A`` per frame for each metric of :data:`KEYS`, over the frames both scored.
+
+    Args:
+        A, B: ``{frame name: per-frame record}`` (:func:`load_frames`); names sort in time order
+            (``frame_000400`` ...), which the block bootstrap needs.
+        block, resamples: of :func:`block_bootstrap_interval`.
+    Returns:
+        ``{key: {"a_mean", "b_mean", "mean_difference", "interval": [lo, hi], "wins", "frames"}}``
+        (``wins``: frames where B is higher). Empty when no frame is shared.
+    """
+    names = sorted(set(A) & set(B))
+    out = {}
+    for key, _label in KEYS if names else ():
+        a = np.array([A[n][key] for n in names], np.float64)
+        b = np.array([B[n][key] for n in names], np.float64)
+        d = b - a
+        lo, hi = block_bootstrap_interval(d, block, resamples)
+        out[key] = {"a_mean": float(a.mean()), "b_mean": float(b.mean()), "mean_difference": float(d.mean()),
+                    "interval": [lo, hi], "wins": int((d > 0).sum()), "frames": int(d.size)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", type=Path, help="reference eval folder (e.g. the foundation's)")
@@ -65,20 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resamples", type=int, default=10000)
     args = ap.parse_args(argv)
     A, B = load_frames(args.a), load_frames(args.b)
-    names = sorted(set(A) & set(B))
-    if not names:
+    diffs = paired_differences(A, B, args.block, args.resamples)
+    if not diffs:
         raise SystemExit(f"paired_eval: {args.a} and {args.b} share no scored frame")
-    print(f"{len(names)} frames in both ({len(A)} in A, {len(B)} in B); B - A, "
+    n = diffs[KEYS[0][0]]["frames"]
+    print(f"{n} frames in both ({len(A)} in A, {len(B)} in B); B - A, "
           f"95% moving-block bootstrap ({args.block} frames per block)")
     print("| metric | A mean | B mean | B - A | 95% interval | B wins |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key, label in KEYS:
-        a = np.array([A[n][key] for n in names], np.float64)
-        b = np.array([B[n][key] for n in names], np.float64)
-        d = b - a
-        lo, hi = block_bootstrap_interval(d, args.block, args.resamples)
-        print(f"| {label} | {a.mean():.4f} | {b.mean():.4f} | {d.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
-              f"{int((d > 0).sum())} / {d.size} |")
+        r = diffs[key]
+        lo, hi = r["interval"]
+        print(f"| {label} | {r['a_mean']:.4f} | {r['b_mean']:.4f} | {r['mean_difference']:+.4f} | "
+              f"[{lo:+.4f}, {hi:+.4f}] | {r['wins']} / {r['frames']} |")
     return 0
 
 
