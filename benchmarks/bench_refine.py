@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     from fmgs.trainer.engine.run import load_run
     from fmgs.trainer.models.base import AvatarModel
 
+    if a.frames < 1 or a.steps < 1 or a.rounds < 1:
+        print(f"bench_refine: --frames, --steps and --rounds must be >= 1 (got {a.frames}, {a.steps}, {a.rounds})",
+              file=sys.stderr)
+        return 2
     try:
         run = load_run(a.run_dir, tuple(a.overrides), split=a.split)
     except FmgsInputError as exc:
