@@ -487,7 +487,8 @@ class FMGSAvatar(AvatarModel):
           ``ceil(subset * S)`` rows (``torch.randperm`` with ``generator``) is recomputed
           with gradient and written to ``skin_cache``; the other rows come from the cache
           (no gradient). Otherwise all rows are recomputed (the cache is refreshed only
-          in training).
+          in training); outside training they depend on the parameters only and are computed
+          once per :meth:`~fmgs.trainer.models.base.AvatarModel.frozen` context.
 
         Args:
             mu_c: ``(S, 3)`` corrected canonical centres (metres); only for the corrected query.
@@ -506,14 +507,15 @@ class FMGSAvatar(AvatarModel):
         lookup = self._skin_lookup
         if lookup.indices.device != self.centers.device:
             lookup = self._skin_lookup = lookup.to(self.centers.device)
+        if not training:    # pose-independent: computed once inside ``frozen()`` (AvatarModel._pose_independent)
+            return self._pose_independent("skinning", lambda: sf.weights_from_features(sf.grid(lookup=lookup), prior))
         n = self.num_surfels
         m = int(math.ceil(float(cfg.skinning_subset) * n))
-        if not training or m >= n or not bool(self.skin_cache_valid):
+        if m >= n or not bool(self.skin_cache_valid):
             W = sf.weights_from_features(sf.grid(lookup=lookup), prior)                  # (S, 24)
-            if training:
-                with torch.no_grad():
-                    self.skin_cache.copy_(W.detach())
-                    self.skin_cache_valid.fill_(True)
+            with torch.no_grad():
+                self.skin_cache.copy_(W.detach())
+                self.skin_cache_valid.fill_(True)
             return W
         rows = torch.randperm(n, generator=generator)[:m].to(self.centers.device)
         W_rows = sf.weights_from_features(sf.grid(lookup=lookup, rows=rows),           # only the subset's features
@@ -652,10 +654,7 @@ class FMGSAvatar(AvatarModel):
             mu_c, R_c, s_c = mu_b, R_b, s_b
             z_g = torch.zeros(self.num_surfels, cfg.geometry_latent_dim, dtype=dt, device=self.centers.device)
 
-        if not training and (self.skinning_field is None or cfg.skinning_query == "canonical"):
-            W = self._pose_independent("skinning", self.skinning_weights)             # eq. 9, F_w(mu)
-        else:
-            W = self.skinning_weights(mu_c, training=training, generator=generator)      # eq. 9
+        W = self.skinning_weights(mu_c, training=training, generator=generator)          # eq. 9
         lbs = blend_lbs(W, bone_transforms, mu_c, R_c)                              # eq. 10-12
 
         d_hat = None
