@@ -378,6 +378,57 @@ def test_prep_refine_writes_a_sequence_with_refined_training_poses(tiny_run, tmp
     assert json.loads((out / "pose_refinement.json").read_text())["settings"]["every"] == 4
 
 
+def test_prep_refine_fits_held_out_poses_to_their_masks(tiny_run, tmp_path, zju377, data_root, request):
+    """``fmgs-prep refine --steps 0 --held-out-steps 3`` on the tiny run: each test frame
+    (455, 460, 465) carries exactly the pose that ``refine_frame_pose`` finds with the mask
+    only (``photometric = 0``; with colour the poses differ), ``joints`` are their forward
+    kinematics, every other frame keeps its source pose, the report counts them; ``--steps 0``
+    alone is a one-line error."""
+    import pickle
+
+    from fmgs.body_model import axis_angle_to_matrix, forward_kinematics
+    from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
+    from fmgs.trainer.engine.run import load_run
+
+    out = tmp_path / "held"
+    r = _prep(["refine", str(tiny_run), "--out", str(out), "--steps", "0", "--held-out-steps", "3",
+               "--no-progress"], data_root, threads=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fitted 3 validation and test poses to their masks" in r.stdout and "training frames" not in r.stdout
+    src = pickle.load(open(zju377 / "mesh_infos.pkl", "rb"))
+    new = pickle.load(open(out / "mesh_infos.pkl", "rb"))
+    run = load_run(tiny_run, split="test")
+    names = run.seq.names
+    assert names == ["frame_000455", "frame_000460", "frame_000465"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    for i, name in enumerate(names):
+        fr = run.seq[i]
+        ref, _ = refine_frame_pose(run.model, run.setup, fr, run.cfg, RefineSettings(iterations=3, photometric=0.0))
+        np.testing.assert_allclose(new[name]["poses"], ref.poses, atol=1e-6)
+        np.testing.assert_allclose(new[name]["Th"], ref.Th, atol=1e-6)
+        np.testing.assert_array_equal(new[name]["Rh"], src[name]["Rh"])
+        assert np.abs(new[name]["poses"] - src[name]["poses"].reshape(72)).max() > 1e-5
+        _, posed = forward_kinematics(axis_angle_to_matrix(np.asarray(new[name]["poses"], np.float64).reshape(24, 3)),
+                                      np.asarray(src[name]["tpose_joints"], np.float64),
+                                      np.asarray(run.setup.smpl.parents))
+        np.testing.assert_allclose(new[name]["joints"], posed, atol=1e-5)
+        if i == 0:
+            colour, _ = refine_frame_pose(run.model, run.setup, fr, run.cfg, RefineSettings(iterations=3))
+            assert np.abs(np.asarray(colour.poses) - new[name]["poses"]).max() > 1e-5
+    for name in set(src) - set(names):
+        for k in ("poses", "Rh", "Th", "joints"):
+            np.testing.assert_array_equal(new[name][k], src[name][k])
+    report = json.loads((out / "pose_refinement.json").read_text())
+    assert report["refined_frames"] == 0 and report["held_out"]["refined_frames"] == 3
+    assert report["held_out"]["objective"] == "silhouette"
+    assert report["untouched_frames"] == len(src) - 4 - 3
+    bad = _prep(["refine", str(tiny_run), "--out", str(tmp_path / "x"), "--steps", "0", "--no-progress"], data_root)
+    assert bad.returncode == 2 and "--steps must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def _eval_cli(args, data_root):
     env = dict(os.environ, FMGS_DATA=str(data_root))
     return subprocess.run([sys.executable, "-c", "import sys; from fmgs.trainer.cli.main import eval_main; "

@@ -178,11 +178,17 @@ def _refine(args) -> None:
     rep = refine_training_poses(args.run, args.out, every=args.every,
                                 settings=RefineSettings(iterations=int(args.steps), **kw),
                                 overwrite=args.overwrite, overrides=tuple(args.set),
-                                progress=not args.no_progress)
-    print(f"refined {rep['refined_frames']} of {rep['training_frames']} training frames "
-          f"(loss {rep['loss_first_mean']:.4f} -> {rep['loss_last_mean']:.4f}, mean joint change "
-          f"{rep['mean_joint_rotation_change_deg']:.2f} deg, translation "
-          f"{rep['mean_translation_change_mm']:.1f} mm, {rep['refine_s'] / 60:.1f} min) -> {args.out}\n"
+                                progress=not args.no_progress, held_out=args.held_out_steps)
+    if rep["refined_frames"]:
+        print(f"refined {rep['refined_frames']} of {rep['training_frames']} training frames "
+              f"(loss {rep['loss_first_mean']:.4f} -> {rep['loss_last_mean']:.4f}, mean joint change "
+              f"{rep['mean_joint_rotation_change_deg']:.2f} deg, translation "
+              f"{rep['mean_translation_change_mm']:.1f} mm)")
+    h = rep["held_out"]
+    if h["refined_frames"]:
+        print(f"fitted {h['refined_frames']} validation and test poses to their masks "
+              f"(mask loss {h['loss_first_mean']:.4f} -> {h['loss_last_mean']:.4f})")
+    print(f"{rep['refine_s'] / 60:.1f} min -> {args.out}\n"
           f"next: fmgs-train --out RUN2 data.root={args.out} (same settings as {args.run})")
 
 
@@ -234,7 +240,13 @@ def prep_main(argv: list[str] | None = None) -> int:
     rf.add_argument("--out", required=True, type=Path, help="the new sequence folder")
     rf.add_argument("--every", type=int, default=4,
                     help="refine every N-th training frame, interpolate the others (default 4)")
-    rf.add_argument("--steps", type=int, default=40, help="Adam steps per refined frame (default 40)")
+    rf.add_argument("--steps", type=int, default=40,
+                    help="Adam steps per refined training frame (default 40; 0 leaves the training "
+                         "poses, with --held-out-steps)")
+    rf.add_argument("--held-out-steps", type=int, default=0, metavar="N",
+                    help="also fit every validation and test frame's pose to its mask only (no "
+                         "colour of a scored frame), N Adam steps each (default 0 = leave them; "
+                         "80 is the validation-chosen setting)")
     rf.add_argument("--lr", type=float, nargs=2, default=None, metavar=("POSE", "TRANS"),
                     help="learning rates: joint rotations (rad), translation (m) (default 0.01 0.003)")
     rf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -43,7 +43,7 @@ class RefineSettings:
         reg: weight of the pull of ``d_theta`` and ``d_T / 0.1 m`` towards zero.
         photometric: weight of the photometric term (1 = the test-time protocol; 0 = fit the
             avatar's silhouette to the frame's mask only, the information a per-frame SMPL
-            fit already uses, see :func:`refine_training_poses`' ``held_out``).
+            fit already uses; :func:`refine_training_poses`' ``held_out`` frames use it).
     """
 
     iterations: int = 0
@@ -140,7 +140,8 @@ def _refined_is_ours(path):
 
 
 def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings | None = None,
-                          overwrite: bool = False, overrides=(), progress: bool = True) -> dict:
+                          overwrite: bool = False, overrides=(), progress: bool = True,
+                          held_out: int = 0) -> dict:
     """Write a copy of a run's sequence whose *training* poses are refined against their
     images with the run's avatar frozen (one bootstrap round of the pose/avatar alternation).
 
@@ -152,7 +153,12 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
     the pose change of the frames in between is interpolated linearly in time (the
     additive axis-angle and translation changes of the two nearest refined frames: the fit
     error varies slowly, so the knots carry it). Validation and test frames keep their
-    poses, so the held-out protocol is unchanged. Train a new run on ``out``.
+    poses, so the held-out protocol is unchanged, unless ``held_out`` is set: then every
+    validation and test frame of the run's config (``data.val_step``, ``data.test_step``) is
+    fitted on its own for ``held_out`` steps to its **mask only** (``photometric = 0``: no
+    colour of a frame that is scored enters its pose) with the same avatar, the pipeline's
+    second fitting pass for frames that are not trained on (docs/benchmarks.md, "Tenth
+    round"). Train a new run on ``out``.
 
     ``out`` holds hard links to (or copies of) the source's ``images/`` and ``masks/``,
     its ``cameras.pkl`` and ``canonical_joints.pkl``, a ``mesh_infos.pkl`` with the refined
@@ -166,17 +172,20 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
         out: the new sequence folder (must not exist, or be one this function wrote and
             ``overwrite``).
         every: refine every ``every``-th training frame (>= 1; 1 = all).
-        settings: :class:`RefineSettings` (default 40 steps, the validation-chosen rates).
+        settings: :class:`RefineSettings` (default 40 steps, the validation-chosen rates);
+            ``iterations = 0`` leaves the training poses as they are (with ``held_out``).
         overwrite: replace an ``out`` written by this function.
         overrides: ``key=value`` over the run's config (e.g. ``train.device=cpu``).
         progress: show a progress bar.
+        held_out: mask-only steps for each validation and test frame (0 = leave them);
+            the learning rates and ``reg`` are ``settings``'.
 
     Returns:
         The report written to ``pose_refinement.json``.
 
     Raises:
         FmgsInputError: not a run folder / data missing (names the file), ``every < 1``,
-            zero steps, ``out`` exists and is not ours or ``overwrite`` is off, or ``out``
+            no step to take (zero training and held-out steps), ``out`` exists and is not ours or ``overwrite`` is off, or ``out``
             is or holds the source sequence or the run.
     """
     import os
@@ -196,8 +205,11 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
     settings = settings or RefineSettings(iterations=40)
     if isinstance(every, bool) or int(every) < 1:
         raise FmgsInputError(f"--every must be a positive number of frames, got {every!r}")
-    if int(settings.iterations) < 1:
-        raise FmgsInputError(f"--steps must be at least 1, got {settings.iterations!r}")
+    if isinstance(held_out, bool) or int(held_out) < 0:
+        raise FmgsInputError(f"--held-out-steps must be 0 or more, got {held_out!r}")
+    if int(settings.iterations) < 0 or (int(settings.iterations) == 0 and int(held_out) == 0):
+        raise FmgsInputError(f"--steps must be at least 1 (or 0 with --held-out-steps), got "
+                             f"{settings.iterations!r}")
     run_dir, out = Path(run_dir), Path(out)
     run = load_run(run_dir, overrides, split="train")
     seq, src = run.seq, Path(run.seq.root)
@@ -212,13 +224,20 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
             raise FmgsInputError(f"--out lies inside {p}, which the command reads (choose another --out)", out)
 
     n = len(seq)
-    knots = list(range(0, n, int(every)))
-    if knots[-1] != n - 1:
+    knots = list(range(0, n, int(every))) if int(settings.iterations) > 0 else []
+    if knots and knots[-1] != n - 1:
         knots.append(n - 1)
+    held = []
+    if int(held_out) > 0:
+        from fmgs.trainer.engine.run import open_sequence
+
+        splits = (["val"] if float(run.cfg.data.val_fraction) > 0 else []) + ["test"]
+        held = [open_sequence(run.cfg, sp) for sp in splits]
+    held_settings = dataclasses.replace(settings, iterations=int(held_out), photometric=0.0)
     t0 = time.perf_counter()
     d_pose = np.zeros((len(knots), 72))
     d_T = np.zeros((len(knots), 3))
-    stats = []
+    stats, held_stats, held_poses = [], [], {}
     with run.model.frozen():     # pose-independent parts computed once for all the frames
         for j, i in enumerate(tqdm(knots, desc="refine training poses", unit="frame", disable=not progress)):
             fr = seq[i]
@@ -226,37 +245,56 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
             d_pose[j] = np.asarray(ref.poses, np.float64) - np.asarray(fr.poses, np.float64)
             d_T[j] = np.asarray(ref.Th, np.float64) - np.asarray(fr.Th, np.float64)
             stats.append({"frame": fr.name, **{k: round(float(v), 6) for k, v in st.items()}})
+        todo = [(h, i) for h in held for i in range(len(h))]
+        for h, i in tqdm(todo, desc="fit held-out poses to masks", unit="frame", disable=not progress or not todo):
+            fr = h[i]
+            ref, st = refine_frame_pose(run.model, run.setup, fr, run.cfg, held_settings)
+            held_poses[fr.name] = (np.asarray(ref.poses, np.float64), np.asarray(ref.Th, np.float64))
+            held_stats.append({"frame": fr.name, "split": h.split,
+                               **{k: round(float(v), 6) for k, v in st.items()}})
     refine_s = time.perf_counter() - t0
 
     with open(seq.mesh_infos_path, "rb") as f:
         infos = pickle.load(f)
     parents = np.asarray(run.setup.smpl.parents)
     x = np.arange(n, dtype=np.float64)
-    kx = np.asarray(knots, np.float64)
-    dp = np.stack([np.interp(x, kx, d_pose[:, c]) for c in range(72)], 1)
-    dt = np.stack([np.interp(x, kx, d_T[:, c]) for c in range(3)], 1)
-    for i, name in enumerate(seq.names):
+    changed = []
+    if knots:   # training frames: the refined knots' changes, interpolated in time
+        kx = np.asarray(knots, np.float64)
+        dp = np.stack([np.interp(x, kx, d_pose[:, c]) for c in range(72)], 1)
+        dt = np.stack([np.interp(x, kx, d_T[:, c]) for c in range(3)], 1)
+        changed = [(name, dp[i], dt[i], None) for i, name in enumerate(seq.names)]
+    changed += [(name, None, None, pt) for name, pt in held_poses.items()]
+    for name, dpi, dti, pt in changed:
         info = dict(infos[name])
-        poses = np.asarray(info["poses"], np.float64).reshape(72) + dp[i]
+        if pt is None:
+            poses = np.asarray(info["poses"], np.float64).reshape(72) + dpi
+            info["Th"] = (np.asarray(info["Th"], np.float64).reshape(3) + dti).astype(np.float32)
+        else:
+            poses = pt[0].reshape(72)
+            info["Th"] = pt[1].reshape(3).astype(np.float32)
         info["poses"] = poses.astype(np.float32)
-        info["Th"] = (np.asarray(info["Th"], np.float64).reshape(3) + dt[i]).astype(np.float32)
         if "tpose_joints" in info:
             _, posed = forward_kinematics(axis_angle_to_matrix(poses.reshape(24, 3)),
                                           np.asarray(info["tpose_joints"], np.float64), parents)
             info["joints"] = posed.astype(np.float32)
         infos[name] = info
 
-    rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2))
+    rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2)) if knots else np.zeros(1)
     report = {
         "run": str(run_dir.resolve()), "source": str(src.resolve()),
         "settings": {"every": int(every), **dataclasses.asdict(settings)},
         "refined_frames": len(knots), "training_frames": n,
-        "untouched_frames": len(infos) - n,
+        "untouched_frames": len(infos) - n - len(held_poses),
         "mean_joint_rotation_change_deg": round(float(rot.mean()), 4),
         "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3),
-        "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])),
-        "loss_last_mean": float(np.mean([s["loss_last"] for s in stats])),
+        "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])) if stats else None,
+        "loss_last_mean": float(np.mean([s["loss_last"] for s in stats])) if stats else None,
         "refine_s": round(refine_s, 1), "frames": stats,
+        "held_out": {"steps": int(held_out), "objective": "silhouette", "refined_frames": len(held_stats),
+                     "loss_first_mean": float(np.mean([s["loss_first"] for s in held_stats])) if held_stats else None,
+                     "loss_last_mean": float(np.mean([s["loss_last"] for s in held_stats])) if held_stats else None,
+                     "frames": held_stats},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
