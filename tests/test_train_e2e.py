@@ -422,6 +422,7 @@ def test_prep_refine_fits_held_out_poses_to_their_masks(tiny_run, tmp_path, zju3
             np.testing.assert_array_equal(new[name][k], src[name][k])
     report = json.loads((out / "pose_refinement.json").read_text())
     assert report["refined_frames"] == 0 and report["held_out"]["refined_frames"] == 3
+    assert report["mean_joint_rotation_change_deg"] is None and "RuntimeWarning" not in r.stderr
     assert report["held_out"]["objective"] == "silhouette"
     assert report["untouched_frames"] == len(src) - 4 - 3
     bad = _prep(["refine", str(tiny_run), "--out", str(tmp_path / "x"), "--steps", "0", "--no-progress"], data_root)

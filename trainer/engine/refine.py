@@ -280,14 +280,14 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
             info["joints"] = posed.astype(np.float32)
         infos[name] = info
 
-    rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2)) if knots else np.zeros(1)
+    rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2))
     report = {
         "run": str(run_dir.resolve()), "source": str(src.resolve()),
         "settings": {"every": int(every), **dataclasses.asdict(settings)},
         "refined_frames": len(knots), "training_frames": n,
         "untouched_frames": len(infos) - n - len(held_poses),
-        "mean_joint_rotation_change_deg": round(float(rot.mean()), 4),
-        "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3),
+        "mean_joint_rotation_change_deg": round(float(rot.mean()), 4) if knots else None,
+        "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3) if knots else None,
         "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])) if stats else None,
         "loss_last_mean": float(np.mean([s["loss_last"] for s in stats])) if stats else None,
         "refine_s": round(refine_s, 1), "frames": stats,
