@@ -185,8 +185,8 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
 
     Raises:
         FmgsInputError: not a run folder / data missing (names the file), ``every < 1``,
-            no step to take (zero training and held-out steps), ``out`` exists and is not ours or ``overwrite`` is off, or ``out``
-            is or holds the source sequence or the run.
+            no step to take (zero training and held-out steps), ``out`` exists and is not
+            ours or ``overwrite`` is off, or ``out`` is or holds the source sequence or the run.
     """
     import os
     import pickle
@@ -285,7 +285,7 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
         "run": str(run_dir.resolve()), "source": str(src.resolve()),
         "settings": {"every": int(every), **dataclasses.asdict(settings)},
         "refined_frames": len(knots), "training_frames": n,
-        "untouched_frames": len(infos) - n - len(held_poses),
+        "untouched_frames": len(infos) - len(changed),
         "mean_joint_rotation_change_deg": round(float(rot.mean()), 4) if knots else None,
         "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3) if knots else None,
         "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])) if stats else None,
