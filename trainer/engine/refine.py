@@ -249,7 +249,8 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
         for h, i in tqdm(todo, desc="fit held-out poses to masks", unit="frame", disable=not progress or not todo):
             fr = h[i]
             ref, st = refine_frame_pose(run.model, run.setup, fr, run.cfg, held_settings)
-            held_poses[fr.name] = (np.asarray(ref.poses, np.float64), np.asarray(ref.Th, np.float64))
+            held_poses[fr.name] = (np.asarray(ref.poses, np.float64).reshape(72),
+                                   np.asarray(ref.Th, np.float64).reshape(3))
             held_stats.append({"frame": fr.name, "split": h.split,
                                **{k: round(float(v), 6) for k, v in st.items()}})
     refine_s = time.perf_counter() - t0
@@ -257,23 +258,20 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
     with open(seq.mesh_infos_path, "rb") as f:
         infos = pickle.load(f)
     parents = np.asarray(run.setup.smpl.parents)
-    x = np.arange(n, dtype=np.float64)
-    changed = []
-    if knots:   # training frames: the refined knots' changes, interpolated in time
+    new_poses = {}   # frame -> (poses (72,), Th (3,)) float64, every frame whose pose changes
+    if knots:        # training frames: the refined knots' changes, interpolated in time
+        x = np.arange(n, dtype=np.float64)
         kx = np.asarray(knots, np.float64)
         dp = np.stack([np.interp(x, kx, d_pose[:, c]) for c in range(72)], 1)
         dt = np.stack([np.interp(x, kx, d_T[:, c]) for c in range(3)], 1)
-        changed = [(name, dp[i], dt[i], None) for i, name in enumerate(seq.names)]
-    changed += [(name, None, None, pt) for name, pt in held_poses.items()]
-    for name, dpi, dti, pt in changed:
+        for i, name in enumerate(seq.names):
+            new_poses[name] = (np.asarray(infos[name]["poses"], np.float64).reshape(72) + dp[i],
+                               np.asarray(infos[name]["Th"], np.float64).reshape(3) + dt[i])
+    new_poses.update(held_poses)
+    for name, (poses, Th) in new_poses.items():
         info = dict(infos[name])
-        if pt is None:
-            poses = np.asarray(info["poses"], np.float64).reshape(72) + dpi
-            info["Th"] = (np.asarray(info["Th"], np.float64).reshape(3) + dti).astype(np.float32)
-        else:
-            poses = pt[0].reshape(72)
-            info["Th"] = pt[1].reshape(3).astype(np.float32)
         info["poses"] = poses.astype(np.float32)
+        info["Th"] = Th.astype(np.float32)
         if "tpose_joints" in info:
             _, posed = forward_kinematics(axis_angle_to_matrix(poses.reshape(24, 3)),
                                           np.asarray(info["tpose_joints"], np.float64), parents)
@@ -281,20 +279,19 @@ def refine_training_poses(run_dir, out, every: int = 4, settings: RefineSettings
         infos[name] = info
 
     rot = np.degrees(np.linalg.norm(d_pose.reshape(-1, 24, 3), axis=2))
+    mean_of = lambda rows, key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
     report = {
         "run": str(run_dir.resolve()), "source": str(src.resolve()),
         "settings": {"every": int(every), **dataclasses.asdict(settings)},
         "refined_frames": len(knots), "training_frames": n,
-        "untouched_frames": len(infos) - len(changed),
+        "untouched_frames": len(infos) - len(new_poses),
         "mean_joint_rotation_change_deg": round(float(rot.mean()), 4) if knots else None,
         "mean_translation_change_mm": round(float(1e3 * np.linalg.norm(d_T, axis=1).mean()), 3) if knots else None,
-        "loss_first_mean": float(np.mean([s["loss_first"] for s in stats])) if stats else None,
-        "loss_last_mean": float(np.mean([s["loss_last"] for s in stats])) if stats else None,
+        "loss_first_mean": mean_of(stats, "loss_first"), "loss_last_mean": mean_of(stats, "loss_last"),
         "refine_s": round(refine_s, 1), "frames": stats,
         "held_out": {"steps": int(held_out), "objective": "silhouette", "refined_frames": len(held_stats),
-                     "loss_first_mean": float(np.mean([s["loss_first"] for s in held_stats])) if held_stats else None,
-                     "loss_last_mean": float(np.mean([s["loss_last"] for s in held_stats])) if held_stats else None,
-                     "frames": held_stats},
+                     "loss_first_mean": mean_of(held_stats, "loss_first"),
+                     "loss_last_mean": mean_of(held_stats, "loss_last"), "frames": held_stats},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
