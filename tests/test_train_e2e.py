@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,7 +130,13 @@ def test_interrupt_and_resume_match_uninterrupted(tmp_path, zju377, data_root):
     r = _cli(["--resume", str(run)], data_root)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _model_state(ref), _model_state(run)
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 14
+    final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert final["iteration"] == 14
+    # the closing line's s/it counts only this session's time and iterations
+    m = re.search(r"\(([0-9.]+) s/it this session\)", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-2000:]
+    session = (final["elapsed_s"] - ckpt["elapsed_s"]) / (14 - ckpt["iteration"])
+    assert abs(float(m.group(1)) - session) <= 0.006, (m.group(0), session, ckpt["elapsed_s"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"parameter {k} differs after resume")
 

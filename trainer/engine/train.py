@@ -139,6 +139,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
         print(f"resuming {run_dir} from iteration {start_it} ({elapsed / 60:.1f} min trained)")
     elif initialise is not None:
         elapsed = initialise(cfg, model, setup, train_seq, test_seq, run_dir)
+    resumed_elapsed = elapsed if resume else 0.0   # the time spent before this session (0 on a fresh run)
 
     total = int(cfg.train.iterations)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_it if resume else None)
@@ -241,5 +242,5 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, initialise: Init
               f"continue with:  fmgs-train --resume {run_dir}", file=sys.stderr)
         raise KeyboardInterrupt
     print(f"training done: {it} iterations in {elapsed / 60:.1f} min "
-          f"({elapsed / max(it - start_it, 1):.2f} s/it this session)")
+          f"({(elapsed - resumed_elapsed) / max(it - start_it, 1):.2f} s/it this session)")
     return run_dir
