@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from skimage.metrics import structural_similarity
 
 from fmgs.trainer.losses.terms import (
@@ -206,3 +208,41 @@ def test_scale_growth_penalises_only_growth_and_matches_brute_force():
         sm[idx] -= eps
         fd = (float(scale_growth_loss(sp, s0)) - float(scale_growth_loss(sm, s0))) / (2 * eps)
         assert abs(float(x.grad[idx]) - fd) < 1e-5 * max(1.0, abs(fd))
+
+
+def test_silhouette_errors_by_hand():
+    """A 3x4 render against a mask with 4 shared pixels, 2 missed, 1 extra (union 7)."""
+    from fmgs.trainer.engine.metrics import silhouette_errors
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float32)
+    alpha = np.array([[0.9, 0.6, 0.4, 0.0], [0.7, 0.8, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32)
+    # covered and in the mask: (0,0) (0,1) (1,0) (1,1); missed: (0,2) 0.4 and (1,2) 0.5 (not > 0.5);
+    # extra: (2,3)
+    got = silhouette_errors(alpha, mask)
+    assert got == {"iou": 4 / 7, "missed": 2 / 7, "extra": 1 / 7}
+    assert silhouette_errors(np.zeros((2, 2)), np.zeros((2, 2))) == {"iou": 1.0, "missed": 0.0, "extra": 0.0}
+    with pytest.raises(ValueError, match="does not match"):
+        silhouette_errors(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_silhouette_errors_match_a_pixel_loop_and_split_the_union(h, w, seed):
+    """Against a per-pixel count in plain Python; iou + missed + extra = 1."""
+    from fmgs.trainer.engine.metrics import silhouette_errors
+
+    rng = np.random.default_rng(seed)
+    alpha, mask = rng.random((h, w)), (rng.random((h, w)) > 0.5).astype(np.float64)
+    tp = fn = fp = 0
+    for y in range(h):
+        for x in range(w):
+            a, m = alpha[y, x] > 0.5, mask[y, x] > 0.5
+            tp += a and m
+            fn += m and not a
+            fp += a and not m
+    got = silhouette_errors(alpha, mask)
+    union = tp + fn + fp
+    want = ({"iou": 1.0, "missed": 0.0, "extra": 0.0} if union == 0 else
+            {"iou": tp / union, "missed": fn / union, "extra": fp / union})
+    assert got == pytest.approx(want, abs=1e-15)
+    assert got["iou"] + got["missed"] + got["extra"] == pytest.approx(1.0, abs=1e-12)

@@ -83,6 +83,11 @@ def test_eval_outputs(tiny_run):
     assert 10.0 < m["psnr"] < 60.0 and 0.0 < m["ssim"] <= 1.0
     per = [f["psnr"] for f in m["frames"]]
     assert abs(np.mean(per) - m["psnr"]) < 1e-9
+    # the silhouette's union splits into IoU, mask left uncovered and render outside the mask
+    for key in ("silhouette_iou", "silhouette_missed", "silhouette_extra"):
+        assert abs(np.mean([f[key] for f in m["frames"]]) - m[key]) < 1e-12
+    for f in m["frames"]:
+        assert abs(f["silhouette_iou"] + f["silhouette_missed"] + f["silhouette_extra"] - 1.0) < 1e-12
     if m["lpips"] is None:
         assert m["lpips_note"]  # the reason LPIPS is absent is recorded
     pngs = sorted((ev / "images").glob("*.png"))

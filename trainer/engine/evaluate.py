@@ -27,7 +27,7 @@ from fmgs.atomic import write_json_atomic
 from fmgs.errors import FmgsInputError
 from fmgs.media import write_video
 from fmgs.trainer.engine.metrics import (
-    LPIPSMetric, psnr, semantic_confusion, semantic_scores, silhouette_iou, ssim_metric,
+    LPIPSMetric, psnr, semantic_confusion, semantic_scores, silhouette_errors, ssim_metric,
 )
 from fmgs.trainer.engine.refine import RefineSettings, refine_frame_pose
 from fmgs.trainer.engine.run import heldout_renders, load_run, render_frame, to_host
@@ -192,8 +192,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             refine_stats.append(st)
         pred = out.rgb.clamp(0, 1).numpy()
         gt = fr.image
+        sil = silhouette_errors(out.alpha.numpy(), fr.mask)
         rec = {"frame": fr.name, "psnr": psnr(pred, gt), "ssim": ssim_metric(pred, gt),
-               "silhouette_iou": silhouette_iou(out.alpha.numpy(), fr.mask)}
+               "silhouette_iou": sil["iou"], "silhouette_missed": sil["missed"], "silhouette_extra": sil["extra"]}
         rec["lpips"] = lpips(pred, gt) if lpips.available else None
         if refining:
             rec["pose_refinement"] = refine_stats[-1]
@@ -229,6 +230,9 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
         "ssim": mean("ssim"),
         # rendered alpha > 0.5 vs the frame's mask > 0.5
         "silhouette_iou": mean("silhouette_iou"),
+        # the rest of the union: mask not covered by the render / render outside the mask
+        "silhouette_missed": mean("silhouette_missed"),
+        "silhouette_extra": mean("silhouette_extra"),
         "num_surfels": int(model.num_surfels),
         "lpips": mean("lpips"),
         "lpips_note": None if lpips.available else lpips.reason,
@@ -260,7 +264,8 @@ def evaluate(run_dir: Path, out_dir: Path | None = None, max_frames: int | None 
             write_video(out_dir / name, frames, fps=int(cfg.eval.video_fps))
     write_json_atomic(out_dir / "metrics.json", metrics)
     print(f"{split}{' (poses refined)' if refining else ''} ({len(per_frame)} frames): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-          f"silhouette IoU {metrics['silhouette_iou']:.4f}, "
+          f"silhouette IoU {metrics['silhouette_iou']:.4f} (missed {metrics['silhouette_missed']:.4f}, "
+          f"extra {metrics['silhouette_extra']:.4f}), "
           f"LPIPS {metrics['lpips'] if metrics['lpips'] is not None else 'n/a'} -> {out_dir}")
     if metrics["semantic"]:
         s = metrics["semantic"]

@@ -51,12 +51,18 @@ def psnr(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> fl
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(1.0 / mse))
 
 
-def silhouette_iou(alpha: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
-    """Intersection over union of the rendered silhouette ``alpha > threshold`` and the
-    foreground ``mask > threshold`` (both ``(H, W)``, values in [0, 1]).
+def silhouette_errors(alpha: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """IoU of the rendered silhouette ``alpha > threshold`` against the foreground
+    ``mask > threshold`` (both ``(H, W)``, values in [0, 1]), and what the rest of the union is.
+
+    ``missed`` is the share of the union that the mask covers and the render does not (the
+    body or garment left uncovered, false negatives); ``extra`` the share the render covers
+    outside the mask (false positives). ``iou + missed + extra == 1``, so a gap in mean IoU
+    between two frame sets splits exactly into the two (issue 17: are loose garments covered?).
 
     Returns:
-        IoU in [0, 1]; 1.0 when both silhouettes are empty.
+        ``{"iou", "missed", "extra"}``, each in [0, 1]; ``iou`` 1.0 and the others 0.0 when both
+        silhouettes are empty.
 
     Raises:
         ValueError: shapes differ.
@@ -66,7 +72,11 @@ def silhouette_iou(alpha: np.ndarray, mask: np.ndarray, threshold: float = 0.5) 
     if a.shape != m.shape:
         raise ValueError(f"alpha shape {a.shape} does not match mask {m.shape}")
     union = int(np.logical_or(a, m).sum())
-    return 1.0 if union == 0 else float(np.logical_and(a, m).sum()) / union
+    if union == 0:
+        return {"iou": 1.0, "missed": 0.0, "extra": 0.0}
+    return {"iou": float(np.logical_and(a, m).sum()) / union,
+            "missed": float(np.logical_and(m, ~a).sum()) / union,
+            "extra": float(np.logical_and(a, ~m).sum()) / union}
 
 
 def ssim_metric(pred: np.ndarray, gt: np.ndarray) -> float:
