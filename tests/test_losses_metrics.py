@@ -18,7 +18,7 @@ from fmgs.trainer.losses.terms import (
     ssim,
     ssim_map,
 )
-from fmgs.trainer.engine.metrics import LPIPSMetric, metric_library_versions, psnr, ssim_metric
+from fmgs.trainer.engine.metrics import LPIPSMetric, metric_library_versions, psnr, silhouette_errors, ssim_metric
 
 
 def smooth_image(rng, h, w):
@@ -212,8 +212,6 @@ def test_scale_growth_penalises_only_growth_and_matches_brute_force():
 
 def test_silhouette_errors_by_hand():
     """A 3x4 render against a mask with 4 shared pixels, 2 missed, 1 extra (union 7)."""
-    from fmgs.trainer.engine.metrics import silhouette_errors
-
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float32)
     alpha = np.array([[0.9, 0.6, 0.4, 0.0], [0.7, 0.8, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32)
     # covered and in the mask: (0,0) (0,1) (1,0) (1,1); missed: (0,2) 0.4 and (1,2) 0.5 (not > 0.5);
@@ -229,8 +227,6 @@ def test_silhouette_errors_by_hand():
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**31 - 1))
 def test_silhouette_errors_match_a_pixel_loop_and_split_the_union(h, w, seed):
     """Against a per-pixel count in plain Python; iou + missed + extra = 1."""
-    from fmgs.trainer.engine.metrics import silhouette_errors
-
     rng = np.random.default_rng(seed)
     alpha, mask = rng.random((h, w)), (rng.random((h, w)) > 0.5).astype(np.float64)
     tp = fn = fp = 0

@@ -71,12 +71,11 @@ def silhouette_errors(alpha: np.ndarray, mask: np.ndarray, threshold: float = 0.
     m = np.asarray(mask) > threshold
     if a.shape != m.shape:
         raise ValueError(f"alpha shape {a.shape} does not match mask {m.shape}")
-    union = int(np.logical_or(a, m).sum())
+    inter, missed, extra = int((a & m).sum()), int((m & ~a).sum()), int((a & ~m).sum())
+    union = inter + missed + extra
     if union == 0:
         return {"iou": 1.0, "missed": 0.0, "extra": 0.0}
-    return {"iou": float(np.logical_and(a, m).sum()) / union,
-            "missed": float(np.logical_and(m, ~a).sum()) / union,
-            "extra": float(np.logical_and(a, ~m).sum()) / union}
+    return {"iou": inter / union, "missed": missed / union, "extra": extra / union}
 
 
 def ssim_metric(pred: np.ndarray, gt: np.ndarray) -> float:
