@@ -35,6 +35,7 @@ import numpy as np
 
 from fmgs.atomic import atomic_path, write_json_atomic
 from fmgs.errors import FmgsInputError
+from fmgs.trainer.engine.metrics import silhouette_errors
 
 from .frames import (Calibration, FrameSource, crop_resize_K, default_calibration,
                      load_calibration)
@@ -393,8 +394,7 @@ def prepare_video(opt: PrepOptions) -> dict:
         R = axis_angle_to_matrix(fit["Rh"][i])
         vc = verts @ R.T + fit["Th"][i]
         sil = rasterize_silhouette(vc, model.faces, p.K, p.size)
-        inter = np.logical_and(sil, masks_k[i]).sum()
-        ious.append(float(inter / max(1, np.logical_or(sil, masks_k[i]).sum())))
+        ious.append(silhouette_errors(sil, masks_k[i])["iou"])   # masks_k: never empty (dropped above)
         cams[nm] = dict(intrinsics=p.K.astype(np.float32), extrinsics=E.copy(),
                         distortions=np.zeros(5, np.float32))
         infos[nm] = dict(poses=fit["poses"][i].astype(np.float32),
